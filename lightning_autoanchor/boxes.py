@@ -1,0 +1,236 @@
+"""Box sets: the widths and heights of a dataset's boxes as the network sees them in training.
+
+A :class:`BoxSet` keeps each box's size in pixels of its original image together with the size of
+that image, so it can be resized the way the training pipeline resizes images:
+
+``"letterbox"`` (YOLOv5, default)
+    each image is scaled so that its longer side equals ``img_size``; aspect ratios are kept.
+``"stretch"`` (darknet YOLOv2/v3, torchvision-style square resize)
+    each image side is scaled to ``img_size``; with ``img_size=1`` boxes are normalised by image size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_autoanchor.errors import ConfigError, DataError
+
+Resize = Literal["letterbox", "stretch"]
+
+MIN_FIT_SIZE = 2.0
+"""Boxes smaller than this (pixels at the training size) on both sides are left out of fitting and
+scoring, as YOLOv5's AutoAnchor does: no anchor can be learned for them."""
+
+_MAX_DENSE_CELLS = 1 << 24
+
+SMALL_BOX_SIZE = 3.0
+"""Boxes smaller than this (pixels at the training size) on either side are counted and reported."""
+
+
+@dataclass(frozen=True, eq=False)
+class BoxSet:
+    """Boxes of a dataset and the sizes of their images.
+
+    Attributes:
+        image_sizes: ``(M, 2)`` float64, width and height of every image in pixels.
+        wh: ``(N, 2)`` float32, width and height of every box in pixels of its own image.
+        image_index: ``(N,)`` int64, the row of ``image_sizes`` each box belongs to.
+        image_names: ``M`` names (file names or ids) of the images, for reports; may be empty.
+        source: where the boxes were read from (a path or a description).
+        skipped: counts of annotations the reader skipped, by reason (see the README's data policy).
+    """
+
+    image_sizes: np.ndarray
+    wh: np.ndarray
+    image_index: np.ndarray
+    image_names: Sequence[str] = ()
+    source: str = ""
+    skipped: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        sizes = np.asarray(self.image_sizes, dtype=np.float64).reshape(-1, 2)
+        wh = np.asarray(self.wh, dtype=np.float32).reshape(-1, 2)
+        index = np.asarray(self.image_index, dtype=np.int64).reshape(-1)
+        object.__setattr__(self, "image_sizes", sizes)
+        object.__setattr__(self, "wh", wh)
+        object.__setattr__(self, "image_index", index)
+        where = f" in {self.source}" if self.source else ""
+        if len(index) != len(wh):
+            raise DataError(f"box set{where}: {len(wh)} boxes but {len(index)} image indices")
+        if self.image_names and len(self.image_names) != len(sizes):
+            raise DataError(f"box set{where}: {len(sizes)} images but {len(self.image_names)} image names")
+        if len(index) and (index.min() < 0 or index.max() >= len(sizes)):
+            raise DataError(f"box set{where}: image index out of range for {len(sizes)} images")
+        bad_sizes = ~(np.isfinite(sizes).all(1) & (sizes > 0).all(1))
+        if bad_sizes.any():
+            i = int(np.flatnonzero(bad_sizes)[0])
+            raise DataError(f"box set{where}: image {self.image_name(i)} has size {sizes[i].tolist()}; "
+                            "image sizes must be positive and finite")
+        bad_boxes = ~(np.isfinite(wh).all(1) & (wh > 0).all(1))
+        if bad_boxes.any():
+            i = int(np.flatnonzero(bad_boxes)[0])
+            raise DataError(f"box set{where}: box {i} of image {self.image_name(int(index[i]))} has size "
+                            f"{wh[i].tolist()}; box sizes must be positive and finite")
+
+    @classmethod
+    def from_normalized(cls, image_sizes: np.ndarray, wh_normalized: np.ndarray, image_index: np.ndarray,
+                        **kwargs: object) -> BoxSet:
+        """Build from box sizes given as fractions of their image's width and height (YOLO labels)."""
+        sizes = np.asarray(image_sizes, dtype=np.float64).reshape(-1, 2)
+        index = np.asarray(image_index, dtype=np.int64).reshape(-1)
+        wh = np.asarray(wh_normalized, dtype=np.float64).reshape(-1, 2) * sizes[index]
+        return cls(sizes, wh, index, **kwargs)  # type: ignore[arg-type]
+
+    @classmethod
+    def concat(cls, parts: Sequence[BoxSet], source: str = "") -> BoxSet:
+        """Join box sets (e.g. several annotation files) into one."""
+        offsets = np.cumsum([0] + [len(p.image_sizes) for p in parts])
+        names: list[str] = []
+        if all(p.image_names for p in parts):
+            for p in parts:
+                names.extend(p.image_names)
+        skipped: dict[str, int] = {}
+        for p in parts:
+            for k, v in p.skipped.items():
+                skipped[k] = skipped.get(k, 0) + v
+        return cls(
+            image_sizes=np.concatenate([p.image_sizes for p in parts]) if parts else np.zeros((0, 2)),
+            wh=np.concatenate([p.wh for p in parts]) if parts else np.zeros((0, 2)),
+            image_index=np.concatenate([p.image_index + o for p, o in zip(parts, offsets[:-1], strict=True)]) if parts
+            else np.zeros(0),
+            image_names=tuple(names),
+            source=source or " + ".join(p.source for p in parts),
+            skipped=skipped,
+        )
+
+    def __len__(self) -> int:
+        return len(self.wh)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_sizes)
+
+    def image_name(self, i: int) -> str:
+        """Name of image ``i`` for messages: its file name when known, else its index."""
+        return str(self.image_names[i]) if self.image_names else f"#{i}"
+
+    def image_scales(self, img_size: float, resize: Resize = "letterbox") -> np.ndarray:
+        """``(M, 2)`` factors from original image pixels to pixels at the training size."""
+        if not (np.isfinite(img_size) and img_size > 0):
+            raise ConfigError(f"img_size must be a positive number of pixels, got {img_size}")
+        if resize == "letterbox":
+            return np.repeat(img_size / self.image_sizes.max(axis=1, keepdims=True), 2, axis=1)
+        if resize == "stretch":
+            return img_size / self.image_sizes
+        raise ConfigError(f"resize must be 'letterbox' or 'stretch', got {resize!r}")
+
+    def scaled(self, img_size: float, resize: Resize = "letterbox", scale_jitter: float = 0.0,
+               seed: int = 0) -> Tensor:
+        """Box sizes as the network sees them.
+
+        Args:
+            img_size: training image size (pixels; the longer side for ``"letterbox"``).
+            resize: ``"letterbox"`` or ``"stretch"`` (see module doc).
+            scale_jitter: each image is further scaled by a factor drawn uniformly from
+                ``[1 - scale_jitter, 1 + scale_jitter]`` (YOLOv5's recall check uses 0.1).
+            seed: seed of the private generator that draws the jitter.
+
+        Returns:
+            ``(N, 2)`` float32 tensor of widths and heights in pixels at ``img_size``.
+        """
+        factors = self.image_scales(img_size, resize)
+        if scale_jitter:
+            if not 0.0 <= scale_jitter < 1.0:
+                raise ConfigError(f"scale_jitter must be in [0, 1), got {scale_jitter}")
+            rng = np.random.default_rng(seed)
+            factors = factors * rng.uniform(1 - scale_jitter, 1 + scale_jitter, size=(len(factors), 1))
+        return torch.from_numpy((self.wh * factors[self.image_index]).astype(np.float32))
+
+    def small_boxes(self, img_size: float, resize: Resize = "letterbox",
+                    min_side: float = SMALL_BOX_SIZE) -> SmallBoxes:
+        """Which boxes are under ``min_side`` pixels on either side at the training size."""
+        wh = self.scaled(img_size, resize).numpy()
+        small = (wh < min_side).any(axis=1)
+        tiny = (wh < MIN_FIT_SIZE).all(axis=1)
+        images = np.unique(self.image_index[small])
+        return SmallBoxes(
+            count=int(small.sum()),
+            unfit=int(tiny.sum()),
+            total=len(wh),
+            min_side=min_side,
+            images=tuple(self.image_name(int(i)) for i in images),
+        )
+
+
+@dataclass(frozen=True)
+class SmallBoxes:
+    """Boxes under ``min_side`` pixels on either side, and the images they are in.
+
+    ``unfit`` counts those under :data:`MIN_FIT_SIZE` on both sides, which fitting leaves out.
+    """
+
+    count: int
+    unfit: int
+    total: int
+    min_side: float
+    images: tuple[str, ...]
+
+    def describe(self, max_images: int = 10) -> str:
+        if not self.count:
+            return f"no box is under {self.min_side:g} px"
+        shown = ", ".join(self.images[:max_images])
+        more = f" and {len(self.images) - max_images} more" if len(self.images) > max_images else ""
+        return (f"{self.count} of {self.total} boxes are under {self.min_side:g} px on a side "
+                f"({self.unfit} under {MIN_FIT_SIZE:g} px on both, left out of fitting), "
+                f"in {len(self.images)} images: {shown}{more}")
+
+
+def fit_mask(wh: Tensor) -> Tensor:
+    """``(N,)`` bool mask of the boxes kept for fitting and scoring (at least 2 px on one side)."""
+    return (wh >= MIN_FIT_SIZE).any(dim=1)
+
+
+def log_bins(wh: Tensor, bin_width: float, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Summarise boxes as weighted points on a grid in log space.
+
+    Boxes whose ``(log w, log h)`` fall in the same square cell of side ``bin_width`` are replaced
+    by one point at their (weighted) mean, weighted by their count. Both match metrics depend only
+    on log-size differences, so the summary scores anchors to within about ``bin_width ** 2`` of
+    the exact value, while its size is bounded by the range of sizes, not by the number of boxes.
+    A summary can be summarised again (pass its points' sizes and its weights) into coarser cells.
+
+    Args:
+        wh: ``(N, 2)`` positive box widths and heights (pixels).
+        bin_width: cell side in natural-log units (0.1 is a 10 % size step).
+        weights: ``(N,)`` weight of each box (default 1).
+
+    Returns:
+        ``points``: ``(B, 2)`` float32 mean log sizes of the occupied cells;
+        ``weights``: ``(B,)`` float32 total weight in each.
+    """
+    log_wh = wh.to(torch.float32).log()
+    cell = torch.floor(log_wh / bin_width).to(torch.int64)
+    cell -= cell.amin(dim=0)
+    n_cols = int(cell[:, 1].max()) + 1
+    flat = cell[:, 0] * n_cols + cell[:, 1]
+    size = int(flat.max()) + 1
+    if size > _MAX_DENSE_CELLS:  # extreme size ranges: index only the occupied cells
+        _, flat = torch.unique(flat, return_inverse=True)
+        size = int(flat.max()) + 1
+    w = None if weights is None else weights.to(torch.float64)
+    log_wh = log_wh.to(torch.float64)
+    if w is not None:
+        log_wh = log_wh * w[:, None]
+    mass = torch.bincount(flat, weights=w, minlength=size).to(torch.float64)
+    sums_u = torch.bincount(flat, weights=log_wh[:, 0], minlength=size)
+    sums_v = torch.bincount(flat, weights=log_wh[:, 1], minlength=size)
+    occupied = mass > 0
+    mass = mass[occupied]
+    points = torch.stack([sums_u[occupied], sums_v[occupied]], dim=1) / mass[:, None]
+    return points.to(torch.float32), mass.to(torch.float32)

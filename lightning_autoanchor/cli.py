@@ -1,0 +1,195 @@
+"""``lightning-autoanchor``: check or compute anchors for a dataset, without training anything.
+
+    lightning-autoanchor check DATA --anchors "10,13, 16,30, 33,23, ..." [--img-size 640] [--json]
+    lightning-autoanchor compute DATA [--n 9] [--out anchors.yaml] [--plot anchors.png] [--json]
+
+DATA is a COCO JSON (``.json``/``.json.gz``), an Ultralytics dataset YAML, a YOLO labels folder or a
+Pascal VOC folder. Errors in the input end the run with one line on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from jsonargparse import ArgumentParser, Namespace
+
+from lightning_autoanchor import __version__
+from lightning_autoanchor.errors import AutoAnchorError, ConfigError
+
+PROG = "lightning-autoanchor"
+
+
+def _common(parser: ArgumentParser) -> None:
+    parser.add_argument("data", type=str, help="COCO .json/.json.gz, dataset .yaml, YOLO labels or VOC folder")
+    parser.add_argument("--img-size", type=float, default=640, help="training image size in pixels (default 640)")
+    parser.add_argument("--resize", type=Literal["letterbox", "stretch"], default="letterbox",
+                        help="how images are resized to --img-size: longer side (letterbox) or both sides")
+    parser.add_argument("--metric", type=Literal["ratio", "iou"], default="ratio",
+                        help="match rule: YOLOv5 size ratio, or width/height IoU")
+    parser.add_argument("--thr", type=float | None, default=None,
+                        help="match threshold: max size ratio for 'ratio' (default 4.0), min IoU for 'iou' (0.5)")
+    parser.add_argument("--split", type=str | None, default=None,
+                        help="split of a dataset YAML (default train) or VOC ImageSets list")
+    parser.add_argument("--strict", action="store_true", help="refuse bad annotations instead of skipping them")
+    parser.add_argument("--list-small", action="store_true", help="list the images with boxes under 3 px")
+    parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], env_prefix="AUTOANCHOR",
+                            default_env=False)
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subcommands(dest="command")
+
+    check = ArgumentParser(description="Score given anchors on a dataset: recall, anchors per box, fitness, IoU.")
+    _common(check)
+    check.add_argument("--anchors", type=str, required=True,
+                       help='anchor widths and heights in pixels at --img-size: "10,13, 16,30, 33,23, ..."')
+    commands.add_subcommand("check", check, help="score given anchors on a dataset")
+
+    compute = ArgumentParser(description="Fit new anchors to a dataset (k-means, evolution, coordinate search).")
+    _common(compute)
+    compute.add_argument("--n", type=int, default=9, help="number of anchors, all levels together (default 9)")
+    compute.add_argument("--levels", type=int, default=3, help="detection levels for --out (default 3: P3-P5)")
+    compute.add_argument("--generations", type=int, default=1000, help="mutants the evolution scores (default 1000)")
+    compute.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    compute.add_argument("--init", type=Literal["log", "iou", "euclidean"], default="log",
+                         help="k-means for the starting anchors (default log)")
+    compute.add_argument("--out", type=str | None, default=None, help="write the anchors as YOLO config YAML here")
+    compute.add_argument("--plot", type=str | None, default=None, help="save a plot of boxes and anchors (PNG)")
+    compute.add_argument("--progress", action="store_true", help="show progress bars on a terminal")
+    commands.add_subcommand("compute", compute, help="fit new anchors to a dataset")
+    return parser
+
+
+def parse_anchors(text: str) -> Any:
+    """``"10,13, 16,30"`` (commas and/or spaces) -> ``(K, 2)`` float tensor of positive sizes."""
+    import torch
+
+    try:
+        values = [float(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise ConfigError(f"--anchors must be numbers (w,h pairs), got {text!r}") from None
+    if not values or len(values) % 2:
+        raise ConfigError(f"--anchors needs an even count of numbers (w,h pairs), got {len(values)}")
+    anchors = torch.tensor(values, dtype=torch.float32).reshape(-1, 2)
+    if not bool((anchors > 0).all() & torch.isfinite(anchors).all()):
+        raise ConfigError(f"--anchors must all be positive and finite, got {text!r}")
+    return anchors
+
+
+def _load(args: Namespace) -> tuple[Any, Any, int]:
+    """Read DATA and size its boxes for training: (box set, kept wh, number left out)."""
+    from lightning_autoanchor.optimizer import prepare_boxes
+    from lightning_autoanchor.sources import load_boxes
+
+    box_set = load_boxes(args.data, split=args.split, strict=args.strict, progress=getattr(args, "progress", False))
+    if len(box_set) == 0:
+        raise ConfigError(f"{args.data}: no boxes to work with")
+    wh, dropped = prepare_boxes(box_set.scaled(args.img_size, args.resize))
+    if len(wh) == 0:
+        raise ConfigError(f"{args.data}: every box is under 2 px at img_size {args.img_size:g}")
+    return box_set, wh, dropped
+
+
+def _data_summary(args: Namespace, box_set: Any, dropped: int) -> dict[str, Any]:
+    small = box_set.small_boxes(args.img_size, args.resize)
+    summary: dict[str, Any] = {
+        "source": str(args.data),
+        "n_images": box_set.num_images,
+        "n_boxes_read": len(box_set),
+        "n_dropped": dropped,
+        "n_small": small.count,
+        "skipped": dict(box_set.skipped),
+        "img_size": args.img_size,
+        "resize": args.resize,
+        "metric": args.metric,
+    }
+    if args.list_small:
+        summary["small_box_images"] = list(small.images)
+    return summary
+
+
+def _print_human(args: Namespace, box_set: Any, summary: dict[str, Any], lines: list[str]) -> None:
+    small = box_set.small_boxes(args.img_size, args.resize)
+    print(f"{args.data}: {len(box_set):,} boxes in {box_set.num_images:,} images, at img_size {args.img_size:g} "
+          f"({args.resize}); {summary['n_dropped']:,} under 2 px left out")
+    if small.count:
+        print(f"note: {small.describe(max_images=10 if args.list_small else 0)}"
+              + ("" if args.list_small else " (--list-small names them)"))
+    for line in lines:
+        print(line)
+
+
+def run_check(args: Namespace) -> dict[str, Any]:
+    from lightning_autoanchor.metrics import DEFAULT_THR, score_anchors
+    from lightning_autoanchor.reporting import describe_scores
+
+    anchors = parse_anchors(args.anchors)
+    thr = DEFAULT_THR[args.metric] if args.thr is None else args.thr
+    box_set, wh, dropped = _load(args)
+    scores = score_anchors(wh, anchors, thr, args.metric)
+    out = {"anchors": anchors.tolist(), **scores.as_dict(), "thr": thr, **_data_summary(args, box_set, dropped)}
+    if not args.json:
+        pairs = "  ".join(f"{w:g},{h:g}" for w, h in anchors.tolist())
+        _print_human(args, box_set, out, [f"anchors ({len(anchors)}): {pairs}",
+                                          *describe_scores(scores, thr, args.metric)])
+    return out
+
+
+def run_compute(args: Namespace) -> dict[str, Any]:
+    from lightning_autoanchor.optimizer import fit_anchors
+    from lightning_autoanchor.reporting import (
+        anchors_yaml,
+        describe_scores,
+        header_comments,
+        plot_anchors,
+        write_text_atomic,
+    )
+
+    if args.n < 1 or args.n % args.levels:
+        raise ConfigError(f"--n {args.n} anchors cannot be split evenly over --levels {args.levels}")
+    box_set, wh, dropped = _load(args)
+    result = fit_anchors(wh, args.n, thr=args.thr, metric=args.metric, generations=args.generations,
+                         seed=args.seed, init=args.init, progress=args.progress)
+    out = {**result.as_dict(), **_data_summary(args, box_set, dropped)}
+    out["anchors"] = result.anchors.tolist()
+    text = anchors_yaml(result.anchors, args.levels,
+                        comments=header_comments(str(args.data), args.img_size, args.resize, args.metric,
+                                                 result.thr, result.scores, args.seed))
+    if args.out:
+        out["out"] = str(write_text_atomic(args.out, text))
+    if args.plot:
+        out["plot"] = str(plot_anchors(wh, result.anchors, args.plot, thr=result.thr, metric=args.metric,
+                                       title=f"{args.data} at {args.img_size:g} px"))
+    if not args.json:
+        _print_human(args, box_set, out, [*describe_scores(result.scores, result.thr, args.metric),
+                                          f"fitted in {result.seconds:.2f} s (seed {args.seed})", "", text.rstrip()])
+        for key, what in (("out", "anchors YAML"), ("plot", "plot")):
+            if key in out:
+                print(f"wrote {what}: {out[key]}")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lightning-autoanchor`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        command = args.command
+        out = run_check(args.check) if command == "check" else run_compute(args.compute)
+    except AutoAnchorError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    if getattr(args, command).json:
+        print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

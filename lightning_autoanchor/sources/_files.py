@@ -1,0 +1,189 @@
+"""Per-file work of the folder readers (YOLO labels, images, VOC XML), run in worker processes.
+
+This module imports neither torch nor the rest of the package, so worker processes start fast.
+Every function returns plain data and a list of problems ``(kind, where, message)`` instead of
+raising, so one bad file never stops the read.
+"""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from typing import Any, TypeVar
+
+import numpy as np
+
+Problem = tuple[str, str, str]
+T = TypeVar("T")
+R = TypeVar("R")
+
+_EXIF_ORIENTATION = 0x0112
+_PARALLEL_MIN_FILES = 2_000
+_TASK_SIZE = 500
+_MAX_PROBLEMS_PER_FILE = 3
+
+
+def image_size(path: str) -> tuple[float, float]:
+    """Width and height of an image as it is displayed (EXIF rotation applied), from its header only.
+
+    Raises ``OSError`` (or a subclass) when the file is missing or not a readable image.
+    """
+    from PIL import Image
+
+    with Image.open(path) as im:
+        w, h = im.size
+        if im.format in ("JPEG", "MPO", "TIFF", "WEBP"):  # PNG would decode the whole image
+            orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+            if orientation in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
+                w, h = h, w
+    if w <= 0 or h <= 0:
+        raise OSError(f"image header gives size {w}x{h}")
+    return float(w), float(h)
+
+
+def read_yolo_label(label_path: str, image_path: str | None) -> tuple[tuple[float, float] | None, np.ndarray,
+                                                                       list[Problem]]:
+    """Read one YOLO label file and the size of its image.
+
+    Each line is ``class x_center y_center width height`` (normalised to ``[0, 1]``), or
+    ``class x1 y1 x2 y2 ...`` (a polygon, whose bounding box is used). Returns the image size
+    (``None`` if it cannot be read: then the boxes are not used), an ``(n, 4)`` float64 array of
+    normalised ``[x_center, y_center, w, h]``, and the problems found.
+    """
+    problems: list[Problem] = []
+    size = None
+    if image_path is None:
+        problems.append(("unreadable_image", label_path, "no image with this name was found beside or "
+                                                         "in the matching 'images' folder"))
+    else:
+        try:
+            size = image_size(image_path)
+        except Exception as err:  # PIL raises many kinds for broken files
+            problems.append(("unreadable_image", image_path, f"cannot read the image size: {err}"))
+    boxes: list[list[float]] = []
+    if not os.path.exists(label_path):
+        return size, np.zeros((0, 4)), problems  # a background image without a label file
+    try:
+        with open(label_path, "rb") as f:
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError as err:
+        problems.append(("unreadable_file", label_path, f"cannot read: {err}"))
+        return size, np.zeros((0, 4)), problems
+    for number, line in enumerate(text.splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        box, why = _parse_label_line(fields)
+        if box is None:
+            if len(problems) < _MAX_PROBLEMS_PER_FILE:
+                problems.append(("bad_line", f"{label_path}, line {number}", f"{why}: {line.strip()[:80]!r}"))
+            else:
+                problems.append(("bad_line", "", ""))  # counted, not shown
+            continue
+        boxes.append(box)
+    return size, np.asarray(boxes, dtype=np.float64).reshape(-1, 4), problems
+
+
+def _parse_label_line(fields: list[str]) -> tuple[list[float] | None, str]:
+    if len(fields) != 5 and (len(fields) < 7 or len(fields) % 2 == 0):
+        return None, f"{len(fields)} fields (expected 'class x y w h' or a polygon 'class x1 y1 x2 y2 ...')"
+    try:
+        values = [float(v) for v in fields[1:]]
+        float(fields[0])
+    except ValueError:
+        return None, "not a number"
+    if not all(0.0 <= v <= 1.0 for v in values):  # also rejects nan
+        return None, "coordinates must be normalised to [0, 1]"
+    if len(fields) == 5:
+        xc, yc, w, h = values
+        if not (w > 0 and h > 0):
+            return None, "width and height must be positive"
+        return [xc, yc, w, h], ""
+    xs, ys = values[0::2], values[1::2]
+    w, h = max(xs) - min(xs), max(ys) - min(ys)
+    if not (w > 0 and h > 0):
+        return None, "polygon has no area"
+    return [(max(xs) + min(xs)) / 2, (max(ys) + min(ys)) / 2, w, h], ""
+
+
+def read_voc_xml(xml_path: str, images_dir: str | None) -> tuple[tuple[float, float] | None, str, np.ndarray,
+                                                                  list[Problem]]:
+    """Read one Pascal VOC XML file.
+
+    Returns the image size (from ``<size>``, else from the image file in ``images_dir``; ``None`` if
+    neither works), the image file name, an ``(n, 2)`` float64 array of box widths and heights in
+    pixels (VOC corners are 1-based and inclusive: ``w = xmax - xmin + 1``), and the problems found.
+    """
+    problems: list[Problem] = []
+    try:
+        root = ET.parse(xml_path).getroot()
+    except (ET.ParseError, OSError, UnicodeDecodeError) as err:
+        problem = ("unreadable_file", xml_path, f"cannot parse: {err}")
+        return None, os.path.basename(xml_path), np.zeros((0, 2)), [problem]
+    name = (root.findtext("filename") or "").strip() or os.path.splitext(os.path.basename(xml_path))[0] + ".jpg"
+    size = None
+    try:
+        w, h = float(root.findtext("size/width", "")), float(root.findtext("size/height", ""))
+        if w > 0 and h > 0 and np.isfinite([w, h]).all():
+            size = (w, h)
+    except ValueError:
+        pass
+    if size is None:
+        image_path = os.path.join(images_dir, name) if images_dir else None
+        try:
+            if image_path is None:
+                raise OSError("no image folder")
+            size = image_size(image_path)
+        except Exception as err:
+            problems.append(("missing_size", xml_path, f"no usable <size> and the image cannot be read ({err})"))
+    boxes = []
+    for i, obj in enumerate(root.iter("object"), start=1):
+        where = f"{xml_path}, object {i} ({(obj.findtext('name') or '?').strip()})"
+        try:
+            xmin, ymin, xmax, ymax = (float(obj.findtext(f"bndbox/{k}", "")) for k in ("xmin", "ymin", "xmax", "ymax"))
+        except ValueError:
+            problems.append(("bad_record", where, "<bndbox> needs numeric xmin, ymin, xmax, ymax"))
+            continue
+        w, h = xmax - xmin + 1, ymax - ymin + 1
+        if not (np.isfinite([w, h]).all() and w > 0 and h > 0):
+            problems.append(("bad_box", where, f"corners {xmin, ymin, xmax, ymax} give no positive size"))
+            continue
+        if size is not None and (xmin < 0 or ymin < 0 or xmax > size[0] + 1 or ymax > size[1] + 1):
+            cw = min(xmax, size[0]) - max(xmin, 1) + 1
+            ch = min(ymax, size[1]) - max(ymin, 1) + 1
+            if cw <= 0 or ch <= 0:
+                problems.append(("outside_box", where, f"box lies outside the {size[0]:g}x{size[1]:g} image"))
+                continue
+            problems.append(("clipped_box", where, f"box reaches outside the {size[0]:g}x{size[1]:g} image"))
+            w, h = cw, ch
+        boxes.append((w, h))
+    return size, name, np.asarray(boxes, dtype=np.float64).reshape(-1, 2), problems
+
+
+def _run_chunk(func: Callable[..., R], args: Sequence[tuple[Any, ...]]) -> list[R]:
+    return [func(*a) for a in args]
+
+
+def map_files(func: Callable[..., R], args: Sequence[tuple[Any, ...]], *, workers: int | None = None,
+              on_done: Callable[[int], None] | None = None) -> Iterator[R]:
+    """``func(*a)`` for every ``a`` in ``args``, in order; in worker processes for large inputs.
+
+    ``workers=None`` uses every core (at most 8) when there are at least 2,000 files; ``on_done(n)``
+    is called as batches of ``n`` files finish (for progress bars).
+    """
+    n_workers = min(os.cpu_count() or 1, 8) if workers is None else max(1, workers)
+    if n_workers == 1 or len(args) < _PARALLEL_MIN_FILES:
+        for a in args:
+            yield func(*a)
+            if on_done:
+                on_done(1)
+        return
+    chunks = [args[i:i + _TASK_SIZE] for i in range(0, len(args), _TASK_SIZE)]
+    with ProcessPoolExecutor(n_workers, mp_context=get_context("forkserver")) as pool:
+        for results in pool.map(_run_chunk, [func] * len(chunks), chunks):
+            yield from results
+            if on_done:
+                on_done(len(results))

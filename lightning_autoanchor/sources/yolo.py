@@ -1,0 +1,231 @@
+"""YOLO txt labels: an Ultralytics-style dataset YAML, or a folder of label files.
+
+Each label file holds one object per line, ``class x_center y_center width height``, normalised
+by the image size. Image sizes come from the image files' headers (no pixel is decoded; EXIF
+rotation is applied), read in parallel worker processes for large sets and cached in a small file
+keyed by the paths, sizes and modification times of every image and label file, so a second read
+of an unchanged dataset only lists the folders.
+
+Label paths follow Ultralytics: ``.../images/.../x.jpg`` has its labels in ``.../labels/.../x.txt``;
+images outside an ``images`` folder have ``x.txt`` beside them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from lightning_autoanchor.boxes import BoxSet
+from lightning_autoanchor.errors import DataError
+from lightning_autoanchor.progress import progress_bar
+from lightning_autoanchor.sources._files import map_files, read_yolo_label
+from lightning_autoanchor.sources._geometry import clip_to_image
+from lightning_autoanchor.sources._log import ReadLog
+
+IMAGE_SUFFIXES = (".bmp", ".dng", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp", ".pfm")
+CACHE_VERSION = 1
+
+FileStat = tuple[str, int, int]  # path, mtime_ns, size
+
+
+def _walk(root: str, suffixes: tuple[str, ...]) -> list[FileStat]:
+    """Files under ``root`` (recursively) whose name ends in one of ``suffixes``, sorted, with their stats."""
+    found: list[FileStat] = []
+    stack = [root]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir():
+                    stack.append(entry.path)
+                elif entry.name.lower().endswith(suffixes):
+                    st = entry.stat()
+                    found.append((entry.path, st.st_mtime_ns, st.st_size))
+    return sorted(found)
+
+
+def _stat(path: str) -> FileStat:
+    try:
+        st = os.stat(path)
+        return path, st.st_mtime_ns, st.st_size
+    except OSError:
+        return path, -1, -1
+
+
+def label_path(image_path: str) -> str:
+    """The label file of an image, as Ultralytics finds it."""
+    images, labels = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
+    if images in image_path:
+        image_path = labels.join(image_path.rsplit(images, 1))
+    return os.path.splitext(image_path)[0] + ".txt"
+
+
+def _split_images(yaml_path: Path, split: str) -> list[str]:
+    """Image paths of ``split`` in an Ultralytics dataset YAML."""
+    try:
+        config = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise DataError(f"{yaml_path}: cannot read the dataset YAML: {err}") from None
+    if not isinstance(config, dict) or split not in config:
+        keys = sorted(config) if isinstance(config, dict) else []
+        raise DataError(f"{yaml_path}: no '{split}' entry (the dataset YAML has {keys}); "
+                        f"name the split with --split")
+    root = Path(config.get("path") or ".")
+    if not root.is_absolute():
+        root = (yaml_path.parent / root) if (yaml_path.parent / root).exists() else root.resolve()
+    entries = config[split] if isinstance(config[split], list) else [config[split]]
+    images: list[str] = []
+    for entry in entries:
+        where = root / str(entry)
+        if where.is_dir():
+            images.extend(p for p, _, _ in _walk(str(where), IMAGE_SUFFIXES))
+        elif where.is_file() and where.suffix == ".txt":
+            for line in where.read_text(encoding="utf-8", errors="replace").splitlines():
+                line = line.strip()
+                if line:
+                    p = Path(line)
+                    images.append(str(p if p.is_absolute() else (where.parent / p if line.startswith("./")
+                                                                  else root / p)))
+        else:
+            raise DataError(f"{yaml_path}: '{split}' entry {entry!r} is neither a folder of images nor a .txt "
+                            f"list of images (looked for {where})")
+    return images
+
+
+def _label_folder_pairs(labels_dir: Path) -> list[tuple[str, str | None]]:
+    """(label file, image file) pairs of a folder of label files; images are looked up by name in the
+    mirrored ``images`` folder and beside the labels."""
+    labels = [p for p, _, _ in _walk(str(labels_dir), (".txt",)) if os.path.basename(p) != "classes.txt"]
+    if not labels:
+        raise DataError(f"{labels_dir}: no .txt label files found")
+    search = [str(labels_dir)]
+    parts = labels_dir.resolve().parts
+    if "labels" in parts:
+        i = len(parts) - 1 - parts[::-1].index("labels")
+        search.insert(0, str(Path(*parts[:i], "images", *parts[i + 1:])))
+    stems: dict[str, str] = {}
+    for folder in reversed(search):
+        if os.path.isdir(folder):
+            for p, _, _ in _walk(folder, IMAGE_SUFFIXES):
+                stems[os.path.splitext(os.path.relpath(p, folder))[0]] = p
+    return [(lb, stems.get(os.path.splitext(os.path.relpath(lb, labels_dir))[0])) for lb in labels]
+
+
+def _cache_file(source: Path, split: str, key: str) -> Path:
+    """The cache beside the dataset when writable, else in the user's cache folder."""
+    name = f".{source.name}.{split}.autoanchor-cache.npz"
+    beside = source.parent / name
+    if os.access(source.parent, os.W_OK):
+        return beside
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lightning-autoanchor"
+    return base / f"{hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:16]}-{name[1:]}"
+
+
+def _cache_key(pairs: list[tuple[str, str | None]]) -> str:
+    h = hashlib.sha1(f"v{CACHE_VERSION}".encode())
+    for label, image in pairs:
+        h.update(repr((_stat(label), _stat(image) if image else None)).encode())
+    return h.hexdigest()
+
+
+def _load_cache(path: Path, key: str) -> dict | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["key"]) != key:
+                return None
+            return {k: z[k] for k in z.files}
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _save_cache(path: Path, **arrays: np.ndarray) -> None:
+    """Write atomically; a cache that cannot be written is not an error."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def read_yolo(path: str | Path, *, split: str = "train", strict: bool = False, cache: bool = True,
+              workers: int | None = None, progress: bool = False) -> BoxSet:
+    """Read YOLO labels into a :class:`BoxSet`.
+
+    Args:
+        path: an Ultralytics dataset YAML (its ``split`` entry is read) or a folder of label files.
+        split: the YAML entry to read (``train``, ``val``, ``test``).
+        strict: refuse any bad line, image or file instead of skipping it with a warning.
+        cache: reuse (and write) the cache of image sizes and labels.
+        workers: processes reading files (default: all cores, for 2,000 files or more).
+        progress: show a progress bar on a terminal.
+    """
+    path = Path(path)
+    if path.suffix in (".yaml", ".yml"):
+        pairs = [(label_path(im), im) for im in _split_images(path, split)]
+        if not pairs:
+            raise DataError(f"{path}: the '{split}' split lists no images")
+    elif path.is_dir():
+        pairs = _label_folder_pairs(path)
+        split = "labels"
+    else:
+        raise DataError(f"{path}: not a dataset YAML nor a folder of YOLO label files")
+    log = ReadLog(str(path), strict)
+    key = _cache_key(pairs)
+    cache_path = _cache_file(path, split, key)
+    cached = _load_cache(cache_path, key) if cache and not strict else None
+    if cached is None:
+        cached = _read_pairs(pairs, ReadLog(str(path), strict), workers, progress)
+        if cache:
+            _save_cache(cache_path, key=np.array(key), **cached)
+    log_state = json.loads(str(cached["log"]))
+    for kind, count in log_state["counts"].items():
+        log.problems(kind, count, [tuple(e) for e in log_state["examples"][kind]])
+    sizes, boxes, index = cached["sizes"], cached["boxes"], cached["index"]
+    names = tuple(str(cached["names"]).split("\n")) if len(sizes) else ()
+    usable = np.isfinite(sizes).all(axis=1)
+    sizes = np.where(usable[:, None], sizes, 1.0)  # stand-in size: unreadable images keep no boxes
+    pixels = boxes * np.tile(sizes[index], 2)
+    pixels[:, :2] -= pixels[:, 2:] / 2  # centre -> top-left corner
+    wh = clip_to_image(pixels.astype(np.float32), sizes, index, log, names)
+    kept = (wh > 0).all(axis=1)
+    log.warn()
+    return BoxSet(image_sizes=sizes, wh=wh[kept], image_index=index[kept], image_names=names, source=str(path),
+                  skipped=dict(log.counts))
+
+
+def _read_pairs(pairs: list[tuple[str, str | None]], log: ReadLog, workers: int | None,
+                progress: bool) -> dict[str, np.ndarray]:
+    """Read every (label, image) pair: sizes ``(M, 2)`` (nan if unreadable), normalised boxes ``(N, 4)``,
+    their image ``index`` ``(N,)``, image ``names`` and the problems found, as cacheable arrays."""
+    sizes = np.full((len(pairs), 2), np.nan)
+    boxes: list[np.ndarray] = []
+    index: list[np.ndarray] = []
+    bar = progress_bar(map_files(read_yolo_label, pairs, workers=workers), desc="Reading labels",
+                       enabled=progress, total=len(pairs), unit="file")
+    for i, (size, file_boxes, problems) in enumerate(bar):
+        for kind, where, message in problems:
+            if where:
+                log.problem(kind, where, message)
+            else:
+                log.counts[kind] += 1
+        if size is None:
+            continue
+        sizes[i] = size
+        boxes.append(file_boxes)
+        index.append(np.full(len(file_boxes), i, dtype=np.int64))
+    names = "\n".join((image or label) for label, image in pairs)
+    return {
+        "sizes": sizes,
+        "boxes": np.concatenate(boxes) if boxes else np.zeros((0, 4)),
+        "index": np.concatenate(index) if index else np.zeros(0, np.int64),
+        "names": np.array(names),
+        "log": np.array(json.dumps({"counts": dict(log.counts), "examples": log.examples})),
+    }
