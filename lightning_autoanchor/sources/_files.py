@@ -167,23 +167,22 @@ def _run_chunk(func: Callable[..., R], args: Sequence[tuple[Any, ...]]) -> list[
     return [func(*a) for a in args]
 
 
-def map_files(func: Callable[..., R], args: Sequence[tuple[Any, ...]], *, workers: int | None = None,
-              on_done: Callable[[int], None] | None = None) -> Iterator[R]:
+def map_files(func: Callable[..., R], args: Sequence[tuple[Any, ...]], *, workers: int | None = None) -> Iterator[R]:
     """``func(*a)`` for every ``a`` in ``args``, in order; in worker processes for large inputs.
 
-    ``workers=None`` uses every core (at most 8) when there are at least 2,000 files; ``on_done(n)``
-    is called as batches of ``n`` files finish (for progress bars).
+    ``workers=None`` uses every core (at most 8) when there are at least 2,000 files, else this
+    process; an explicit ``workers`` count is used as given.
     """
-    n_workers = min(os.cpu_count() or 1, 8) if workers is None else max(1, workers)
-    if n_workers == 1 or len(args) < _PARALLEL_MIN_FILES:
+    if workers is None:
+        n_workers = min(os.cpu_count() or 1, 8) if len(args) >= _PARALLEL_MIN_FILES else 1
+    else:
+        n_workers = max(1, workers)
+    if n_workers == 1:
         for a in args:
             yield func(*a)
-            if on_done:
-                on_done(1)
         return
-    chunks = [args[i:i + _TASK_SIZE] for i in range(0, len(args), _TASK_SIZE)]
+    size = min(_TASK_SIZE, -(-len(args) // n_workers))
+    chunks = [args[i:i + size] for i in range(0, len(args), size)]
     with ProcessPoolExecutor(n_workers, mp_context=get_context("forkserver")) as pool:
         for results in pool.map(_run_chunk, [func] * len(chunks), chunks):
             yield from results
-            if on_done:
-                on_done(len(results))

@@ -50,8 +50,8 @@ class Elements:
 class _Buffer:
     """A window on the stream with absolute byte offsets and line numbers."""
 
-    def __init__(self, stream: IO[bytes], path: str):
-        self.stream, self.path = stream, path
+    def __init__(self, stream: IO[bytes], path: str, block: int):
+        self.stream, self.path, self.block = stream, path, block
         self.data = b""
         self.base = 0  # absolute offset of data[0]
         self.base_line = 1  # line number of data[0]
@@ -66,7 +66,7 @@ class _Buffer:
         parts = [self.data]
         have = len(self.data)
         while have < need and not self.eof:
-            block = self.stream.read(max(BLOCK, need - have))
+            block = self.stream.read(max(self.block, need - have))
             if not block:
                 self.eof = True
                 break
@@ -83,7 +83,7 @@ class _Buffer:
 
 
 def stream_arrays(stream: IO[bytes], path: str, decoders: Mapping[str, msgspec.json.Decoder],
-                  on_elements: Callable[[Elements], None]) -> None:
+                  on_elements: Callable[[Elements], None], *, block_size: int = BLOCK) -> None:
     """Read the JSON object in ``stream`` and pass the elements of its top-level arrays on.
 
     Args:
@@ -92,12 +92,13 @@ def stream_arrays(stream: IO[bytes], path: str, decoders: Mapping[str, msgspec.j
         decoders: per top-level key, a decoder of ``list[Struct]`` for that array's elements.
             Arrays of other keys are checked for syntax and skipped.
         on_elements: called with every run of decoded elements, in file order.
+        block_size: bytes read at a time; memory use is a few times this.
 
     Raises:
         DataError: the file is not a JSON object, is truncated, or has a syntax error (with its line).
     """
-    buf = _Buffer(stream, path)
-    pos = buf.fill(0, BLOCK)
+    buf = _Buffer(stream, path, block_size)
+    pos = buf.fill(0, block_size)
     depth, state, key = 0, "start", ""
     while True:
         match = _TOKEN.match(buf.data, pos)
@@ -109,7 +110,7 @@ def stream_arrays(stream: IO[bytes], path: str, decoders: Mapping[str, msgspec.j
                 if not rest:
                     raise buf.error(pos, "the file ends before the JSON object is complete (truncated?)")
                 raise buf.error(pos, f"unexpected {rest[:20]!r}")
-            pos = buf.fill(pos, len(buf.data) - pos + BLOCK)
+            pos = buf.fill(pos, len(buf.data) - pos + buf.block)
             continue
         token, at = match.group(1), match.start(1)
         pos = match.end()
@@ -188,8 +189,8 @@ def _read_array(buf: _Buffer, pos: int, key: str, decoder: msgspec.json.Decoder 
         index += len(items)
 
     while True:
-        if len(buf.data) - pos < BLOCK and not buf.eof:
-            pos = buf.fill(pos, BLOCK)
+        if len(buf.data) - pos < buf.block and not buf.eof:
+            pos = buf.fill(pos, buf.block)
         data = buf.data
         while pos < len(data) and data[pos] in _WHITESPACE:
             pos += 1
@@ -211,7 +212,7 @@ def _read_array(buf: _Buffer, pos: int, key: str, decoder: msgspec.json.Decoder 
             except (msgspec.DecodeError, msgspec.ValidationError):
                 pass
         elif not buf.eof:
-            pos = buf.fill(pos, len(buf.data) - pos + BLOCK)
+            pos = buf.fill(pos, len(buf.data) - pos + buf.block)
             continue
         pos, done = _read_elements_exactly(buf, pos, emit)
         if done:
@@ -288,7 +289,7 @@ def _read_elements_exactly(buf: _Buffer, pos: int, emit: Callable[..., None]) ->
                 break
             if len(text) - i > _MAX_ELEMENT:
                 raise buf.error(at(i), f"an array element is larger than {_MAX_ELEMENT >> 20} MiB")
-            return buf.fill(pos, len(buf.data) - pos + BLOCK), False
+            return buf.fill(pos, len(buf.data) - pos + buf.block), False
         if k < len(text) and text[k] not in ",]":
             raise buf.error(at(k), f"expected ',' or ']' after an array element, got {text[k]!r}")
         items.append(value)
