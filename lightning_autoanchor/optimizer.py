@@ -17,7 +17,7 @@ from torch import Tensor
 from lightning_autoanchor.boxes import MIN_FIT_SIZE, fit_mask, log_bins
 from lightning_autoanchor.clustering import KMeansInit, initial_anchors
 from lightning_autoanchor.errors import AnchorFitError, ConfigError
-from lightning_autoanchor.evolution import LogSpaceFitness, evolve, refine
+from lightning_autoanchor.evolution import MIN_ANCHOR_SIZE, LogSpaceFitness, evolve, refine
 from lightning_autoanchor.metrics import DEFAULT_THR, AnchorScores, Metric, match_cut, score_anchors
 
 FINE_BIN = 0.04
@@ -94,6 +94,8 @@ def fit_anchors(wh: Tensor, n: int = 9, *, thr: float | None = None, metric: Met
                 progress: bool = False) -> AnchorResult:
     """Fit ``n`` anchors to box sizes.
 
+    Anchor sides are at least 2 px (as YOLOv5's evolution keeps them).
+
     Steps: summarise the boxes on a log-space grid (:func:`log_bins`); start from
     :data:`KMEANS_STARTS` k-means solutions (``init``); evolve each with YOLOv5's mutation
     (:func:`~lightning_autoanchor.evolution.evolve`, ``generations`` mutants split over the starts);
@@ -144,7 +146,7 @@ def fit_anchors(wh: Tensor, n: int = 9, *, thr: float | None = None, metric: Met
     rough = LogSpaceFitness(*log_bins(coarse.points.exp(), ROUGH_BIN, coarse.weights), metric=metric, thr=thr)
 
     starts = initial_anchors(rough.points.exp(), n, init, weights=rough.weights, generator=generator,
-                             starts=KMEANS_STARTS).log()
+                             starts=KMEANS_STARTS).clamp(min=MIN_ANCHOR_SIZE).log()
     if generations:
         starts = evolve(rough, starts, generations=-(-generations // KMEANS_STARTS), mutation_prob=mutation_prob,
                         sigma=sigma, population=population, generator=generator, progress=progress)

@@ -21,7 +21,7 @@ from lightning_autoanchor.metrics import DEFAULT_THR, AnchorScores, Metric, matc
 from lightning_autoanchor.optimizer import fit_anchors, prepare_boxes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class AnchorUpdate:
     """The outcome of a check (and fit) of anchors.
 
@@ -50,6 +50,11 @@ class AnchorUpdate:
     n_images: int
     source: str
     seconds: float
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AnchorUpdate) and self.as_dict() == other.as_dict()
+
+    __hash__ = None  # type: ignore[assignment]
 
     def metrics(self) -> dict[str, float]:
         """The values logged to every logger, under ``autoanchor/``."""

@@ -185,18 +185,18 @@ class RenderedBoxesDataModule(pl.LightningDataModule):
         assert self.annotations is not None
         return self.annotations
 
-    def _dataset(self, rows: np.ndarray) -> RenderedBoxesDataset:
-        return RenderedBoxesDataset(self._loaded(), rows, self.img_size, self.seed)
+    def _loader(self, split: str) -> DataLoader:
+        annotations = self._loaded()
+        rows = self.train_rows if split == "train" else self.val_rows
+        return DataLoader(RenderedBoxesDataset(annotations, rows, self.img_size, self.seed), batch_size=self.batch_size,
+                          shuffle=split == "train", num_workers=self.num_workers, collate_fn=collate,
+                          persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self._dataset(self.train_rows), batch_size=self.batch_size, shuffle=True,
-                          num_workers=self.num_workers, collate_fn=collate,
-                          persistent_workers=self.num_workers > 0)
+        return self._loader("train")
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self._dataset(self.val_rows), batch_size=self.batch_size, shuffle=False,
-                          num_workers=self.num_workers, collate_fn=collate,
-                          persistent_workers=self.num_workers > 0)
+        return self._loader("val")
 
     def autoanchor_boxes(self) -> BoxSet:
         """Boxes of the train split, in pixels of their original images (calls :meth:`setup` if needed)."""

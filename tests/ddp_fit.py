@@ -1,0 +1,54 @@
+"""Run by tests/test_ddp.py as a script: a 2-process DDP fit on CPU (gloo) with AutoAnchor.
+
+    python tests/ddp_fit.py OUT_DIR {ok,no-boxes}
+
+Each rank writes ``rank{N}.json``: its final anchors (pixels), how often it read the boxes, and the
+error it raised, if any. Lightning's DDP launcher starts rank 1 by running this script again.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+
+from lightning_autoanchor import AutoAnchor, BoxSet
+from lightning_autoanchor.demo import RenderedBoxesDataModule, TinyYolo
+
+
+class CountingData(RenderedBoxesDataModule):
+    def __init__(self, empty: bool) -> None:
+        super().__init__(img_size=64, batch_size=4)
+        self.empty = empty
+        self.box_reads = 0
+
+    def autoanchor_boxes(self) -> BoxSet:
+        self.box_reads += 1
+        if self.empty:
+            return BoxSet(np.array([[640, 480]]), np.zeros((0, 2)), np.zeros(0))
+        return super().autoanchor_boxes()
+
+
+def main(out: Path, mode: str) -> None:
+    pl.seed_everything(0)
+    data, model = CountingData(empty=mode == "no-boxes"), TinyYolo(width=4)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=2,
+                         limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=out,
+                         callbacks=[AutoAnchor(img_size=64, save_dir=str(out))])
+    error = None
+    try:
+        trainer.fit(model, data)
+    except Exception as err:  # recorded for the test, which checks every rank got the same one
+        error = f"{type(err).__name__}: {err}"
+    rank = trainer.global_rank
+    anchors = (model.head.anchors * model.head.stride.view(-1, 1, 1)).tolist()
+    (out / f"rank{rank}.json").write_text(json.dumps({"anchors": anchors, "box_reads": data.box_reads,
+                                                      "error": error}))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2])
