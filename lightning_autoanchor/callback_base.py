@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
 from lightning_autoanchor import errors
@@ -170,7 +171,8 @@ class AutoAnchorBase:
         update = refit_anchors(heads, self._boxes, img_size=img_size, bpr_threshold=self.bpr_threshold, thr=self.thr,
                                metric=self.metric, resize=self.resize, scale_jitter=self.scale_jitter,
                                generations=self.generations, mutation_prob=self.mutation_prob, sigma=self.sigma,
-                               seed=self.seed, progress=trainer.progress_bar_callback is not None)
+                               seed=self.seed, device=_device_of(pl_module),
+                               progress=trainer.progress_bar_callback is not None)
         if update.replaced:
             frozen = [n for n, p in _parameters(heads) if not p.requires_grad]
             if frozen:
@@ -277,6 +279,12 @@ class AutoAnchorBase:
             now, then = current.reshape(-1, 2).tolist(), update.anchors_after.reshape(-1, 2).tolist()
             self._warn("AutoAnchor: the model's anchors differ from the ones this callback wrote before the "
                        f"checkpoint: now {now}, then {then}")
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    """Where the model is: the box work of the check and fit runs there too."""
+    tensor = next(module.parameters(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def _parameters(heads: Heads) -> list[tuple[str, nn.Parameter]]:

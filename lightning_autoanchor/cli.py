@@ -35,6 +35,7 @@ def _common(parser: ArgumentParser) -> None:
                         help="split of a dataset YAML (default train) or VOC ImageSets list")
     parser.add_argument("--strict", action="store_true", help="refuse bad annotations instead of skipping them")
     parser.add_argument("--list-small", action="store_true", help="list the images with boxes under 3 px")
+    parser.add_argument("--device", type=str, default="cpu", help="torch device for the per-box work, e.g. cuda")
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
 
 
@@ -83,13 +84,19 @@ def parse_anchors(text: str) -> Any:
 
 def _load(args: Namespace) -> tuple[Any, Any, int]:
     """Read DATA and size its boxes for training: (box set, kept wh, number left out)."""
+    import torch
+
     from lightning_autoanchor.optimizer import prepare_boxes
     from lightning_autoanchor.sources import load_boxes
 
     box_set = load_boxes(args.data, split=args.split, strict=args.strict, progress=getattr(args, "progress", False))
     if len(box_set) == 0:
         raise ConfigError(f"{args.data}: no boxes to work with")
-    wh, dropped = prepare_boxes(box_set.scaled(args.img_size, args.resize))
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        raise ConfigError(f"--device {args.device!r}: {err}") from None
+    wh, dropped = prepare_boxes(box_set.scaled(args.img_size, args.resize).to(device))
     if len(wh) == 0:
         raise ConfigError(f"{args.data}: every box is under 2 px at img_size {args.img_size:g}")
     return box_set, wh, dropped
@@ -131,7 +138,7 @@ def run_check(args: Namespace) -> dict[str, Any]:
     anchors = parse_anchors(args.anchors)
     thr = DEFAULT_THR[args.metric] if args.thr is None else args.thr
     box_set, wh, dropped = _load(args)
-    scores = score_anchors(wh, anchors, thr, args.metric)
+    scores = score_anchors(wh, anchors.to(wh.device), thr, args.metric)
     out = {"anchors": anchors.tolist(), **scores.as_dict(), "thr": thr, **_data_summary(args, box_set, dropped)}
     if not args.json:
         pairs = "  ".join(f"{w:g},{h:g}" for w, h in anchors.tolist())

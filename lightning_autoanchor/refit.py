@@ -99,13 +99,14 @@ def check_img_size(img_size: float, strides: Tensor) -> None:
 def refit_anchors(heads: Heads, boxes: BoxSet, *, img_size: float, bpr_threshold: float = 0.98,
                   thr: float | None = None, metric: Metric = "ratio", resize: Resize = "letterbox",
                   scale_jitter: float = 0.1, generations: int = 1000, mutation_prob: float = 0.9, sigma: float = 0.1,
-                  seed: int = 0, progress: bool = False) -> AnchorUpdate:
+                  seed: int = 0, device: torch.device | str | None = None, progress: bool = False) -> AnchorUpdate:
     """Score the primary head's anchors on ``boxes``; if BPR is under ``bpr_threshold``, fit new ones.
 
     New anchors (as many as the head has) are kept only when their BPR beats the current anchors'
     (YOLOv5's rule); they are sorted by area and laid out small-to-large over the levels in stride
     order. Scores use the boxes at ``img_size`` with YOLOv5's per-image scale jitter
-    (``scale_jitter``, seeded by ``seed``); the fit itself uses them without jitter.
+    (``scale_jitter``, seeded by ``seed``); the fit itself uses them without jitter. The work that
+    grows with the number of boxes runs on ``device`` (e.g. the model's GPU; default CPU).
 
     Raises:
         HeadError: the head's anchors are not ``(levels, anchors, 2)``, finite and positive.
@@ -123,17 +124,17 @@ def refit_anchors(heads: Heads, boxes: BoxSet, *, img_size: float, bpr_threshold
     check_img_size(img_size, strides)
     if len(boxes) == 0:
         raise AnchorFitError(f"no training boxes in {boxes.source or 'the box set'}: cannot check anchors")
-    check_wh, _ = prepare_boxes(boxes.scaled(img_size, resize, scale_jitter, seed))
+    check_wh, _ = prepare_boxes(boxes.scaled(img_size, resize, scale_jitter, seed).to(device))
     if len(check_wh) == 0:
         raise AnchorFitError(f"every box of {boxes.source or 'the box set'} is under 2 px at img_size {img_size:g}")
-    flat_before = before_anchors.reshape(-1, 2)
+    flat_before = before_anchors.reshape(-1, 2).to(check_wh.device)
     before = score_anchors(check_wh, flat_before, thr, metric)
     after_anchors, after, candidate = before_anchors, before, None
     if before.bpr < bpr_threshold:
-        result = fit_anchors(boxes.scaled(img_size, resize), len(flat_before), thr=thr, metric=metric,
+        result = fit_anchors(boxes.scaled(img_size, resize).to(device), len(flat_before), thr=thr, metric=metric,
                              generations=generations, mutation_prob=mutation_prob, sigma=sigma, seed=seed,
                              progress=progress)
-        candidate = score_anchors(check_wh, result.anchors, thr, metric)
+        candidate = score_anchors(check_wh, result.anchors.to(check_wh.device), thr, metric)
         if candidate.bpr > before.bpr:
             after_anchors = assign_to_levels(result.anchors, strides, before_anchors.shape[1])
             after = candidate
