@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +22,6 @@ from torch import Tensor, nn
 from lightning_autoanchor.errors import HeadError
 
 
-@runtime_checkable
 class AnchorHead(Protocol):
     """What the callback needs from a detection head.
 
@@ -81,13 +80,15 @@ def is_yolo_head(module: nn.Module) -> bool:
             and isinstance(stride, Tensor) and stride.numel() == anchors.shape[0])
 
 
+def implements_protocol(module: object) -> bool:
+    """Whether ``module`` has the members of :class:`AnchorHead` itself."""
+    return (callable(getattr(module, "read_anchors", None)) and callable(getattr(module, "write_anchors", None))
+            and hasattr(module, "strides"))
+
+
 def as_adapter(module: nn.Module) -> AnchorHead:
     """The module itself when it implements :class:`AnchorHead`, else a :class:`YoloAnchors` for it."""
-    if isinstance(module, AnchorHead) and not isinstance(module, nn.Module | type):
-        return module
-    if callable(getattr(module, "read_anchors", None)) and callable(getattr(module, "write_anchors", None)):
-        return module  # type: ignore[return-value]
-    return YoloAnchors(module)
+    return module if implements_protocol(module) else YoloAnchors(module)  # type: ignore[return-value]
 
 
 @dataclass
@@ -170,9 +171,7 @@ def find_heads(model: nn.Module, names: str | Sequence[str] | None = None) -> He
 
 
 def _candidate_names(model: nn.Module) -> list[str]:
-    return [name for name, m in model.named_modules()
-            if is_yolo_head(m) or (callable(getattr(m, "read_anchors", None))
-                                   and callable(getattr(m, "write_anchors", None)))]
+    return [name for name, m in model.named_modules() if is_yolo_head(m) or implements_protocol(m)]
 
 
 def check_anchors(anchors: Tensor, where: str) -> None:

@@ -395,3 +395,50 @@ def test_a_failed_write_rolls_back_every_head() -> None:
     with pytest.raises(OSError, match="device lost"):
         write_all(heads, torch.tensor([[[50.0, 60.0]]]))
     assert torch.equal(first.anchors, torch.tensor([[[10.0 / 8, 10.0 / 8]]]))
+
+
+class PixelAnchorHead(nn.Module):
+    """A head outside the YOLOv5 convention: anchors kept in pixels as ``(levels * A, 4)`` corner boxes
+    (torchvision-style), adapted by implementing the AnchorHead protocol on the module itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.strides = torch.tensor([8.0, 16.0, 32.0])
+        sizes = torch.tensor(DEFAULT_PIXEL_ANCHORS).view(9, 2)
+        self.register_buffer("cell_anchors", torch.cat([-sizes / 2, sizes / 2], dim=1))
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def read_anchors(self) -> torch.Tensor:
+        return (self.cell_anchors[:, 2:] - self.cell_anchors[:, :2]).view(3, 3, 2).clone()
+
+    def write_anchors(self, anchors: torch.Tensor) -> None:
+        sizes = anchors.reshape(9, 2).to(self.cell_anchors)
+        self.cell_anchors.copy_(torch.cat([-sizes / 2, sizes / 2], dim=1))
+
+
+DEFAULT_PIXEL_ANCHORS = [[10.0, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326]]
+
+
+class AdaptedModel(TinyYolo):
+    """TinyYolo plus a second, non-YOLO head that the callback is pointed at through autoanchor_heads()."""
+
+    def __init__(self) -> None:
+        super().__init__(width=4)
+        self.retina = PixelAnchorHead()
+
+    def autoanchor_heads(self) -> list[PixelAnchorHead]:
+        return [self.retina]
+
+
+def test_custom_heads_plug_in_through_the_protocol(tmp_path: Path) -> None:
+    model = AdaptedModel()
+    yolo_before, buffer = model.head.anchors.clone(), model.retina.cell_anchors
+    callback = AutoAnchor(img_size=IMG)
+    trainer(tmp_path, callback).fit(model, CountingData())
+    assert callback.update is not None and callback.update.replaced
+    assert model.retina.cell_anchors is buffer
+    torch.testing.assert_close(model.retina.read_anchors(), callback.update.anchors_after)
+    assert torch.equal(model.head.anchors, yolo_before), "only the head autoanchor_heads() names"
+    named = AutoAnchor(img_size=IMG, head="retina")
+    trainer(tmp_path, named).fit(AdaptedModel(), CountingData())
+    assert named.update is not None and named.update.anchors_after.shape == (3, 3, 2)
