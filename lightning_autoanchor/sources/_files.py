@@ -8,6 +8,7 @@ raising, so one bad file never stops the read.
 from __future__ import annotations
 
 import os
+import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -21,6 +22,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 _EXIF_ORIENTATION = 0x0112
+_MAX_SIDE = float(np.finfo(np.float32).max)  # box sizes are kept in float32
 _PARALLEL_MIN_FILES = 2_000
 _TASK_SIZE = 500
 _MAX_PROBLEMS_PER_FILE = 3
@@ -31,9 +33,7 @@ def image_size(path: str) -> tuple[float, float]:
 
     Raises ``OSError`` (or a subclass) when the file is missing or not a readable image.
     """
-    from PIL import Image
-
-    with Image.open(path) as im:
+    with _open_image(path) as im:
         w, h = im.size
         if im.format in ("JPEG", "MPO", "TIFF", "WEBP"):  # PNG would decode the whole image
             orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
@@ -42,6 +42,22 @@ def image_size(path: str) -> tuple[float, float]:
     if w <= 0 or h <= 0:
         raise OSError(f"image header gives size {w}x{h}")
     return float(w), float(h)
+
+
+def _open_image(path: str) -> Any:
+    """``PIL.Image.open`` without its decompression-bomb limit: only the header is read, never the pixels."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            return Image.open(path)
+        except Image.DecompressionBombError:  # very large images (aerial, medical) are fine here
+            limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                return Image.open(path)
+            finally:
+                Image.MAX_IMAGE_PIXELS = limit
 
 
 def read_yolo_label(label_path: str, image_path: str | None) -> tuple[tuple[float, float] | None, np.ndarray,
@@ -72,7 +88,7 @@ def read_yolo_label(label_path: str, image_path: str | None) -> tuple[tuple[floa
     except OSError as err:
         problems.append(("unreadable_file", label_path, f"cannot read: {err}"))
         return size, np.zeros((0, 4)), problems
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         fields = line.split()
         if not fields:
             continue
@@ -92,9 +108,11 @@ def _parse_label_line(fields: list[str]) -> tuple[list[float] | None, str]:
         return None, f"{len(fields)} fields (expected 'class x y w h' or a polygon 'class x1 y1 x2 y2 ...')"
     try:
         values = [float(v) for v in fields[1:]]
-        float(fields[0])
+        cls = float(fields[0])
     except ValueError:
         return None, "not a number"
+    if not 0.0 <= cls < float("inf"):  # also rejects nan
+        return None, "the class must be a non-negative number"
     if not all(0.0 <= v <= 1.0 for v in values):  # also rejects nan
         return None, "coordinates must be normalised to [0, 1]"
     if len(fields) == 5:
@@ -148,8 +166,8 @@ def read_voc_xml(xml_path: str, images_dir: str | None) -> tuple[tuple[float, fl
             problems.append(("bad_record", where, "<bndbox> needs numeric xmin, ymin, xmax, ymax"))
             continue
         w, h = xmax - xmin + 1, ymax - ymin + 1
-        if not (np.isfinite([w, h]).all() and w > 0 and h > 0):
-            problems.append(("bad_box", where, f"corners {xmin, ymin, xmax, ymax} give no positive size"))
+        if not (0 < w <= _MAX_SIDE and 0 < h <= _MAX_SIDE):  # also rejects nan
+            problems.append(("bad_box", where, f"corners {xmin, ymin, xmax, ymax} give no positive, finite size"))
             continue
         if size is not None and (xmin < 0 or ymin < 0 or xmax > size[0] + 1 or ymax > size[1] + 1):
             cw = min(xmax, size[0]) - max(xmin, 1) + 1

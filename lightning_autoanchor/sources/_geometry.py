@@ -22,9 +22,10 @@ def clip_to_image(boxes: np.ndarray, sizes: np.ndarray, index: np.ndarray, log: 
         ``(N, 2)`` float32; boxes within 1 px of their image keep their annotated size.
     """
     wh = boxes[:, 2:].copy()
-    image_wh = sizes.astype(np.float32)[index]
-    np.minimum(wh, image_wh - boxes[:, :2], out=wh)  # right / bottom edge
-    np.minimum(wh, boxes[:, :2] + boxes[:, 2:], out=wh)  # left / top edge
+    with np.errstate(over="ignore"):  # sizes or corners beyond float32: inf, which the minimum settles
+        image_wh = sizes.astype(np.float32)[index]
+        np.minimum(wh, image_wh - boxes[:, :2], out=wh)  # right / bottom edge
+        np.minimum(wh, boxes[:, :2] + boxes[:, 2:], out=wh)  # left / top edge
     np.minimum(wh, image_wh, out=wh)
     np.maximum(wh, 0, out=wh)
     outside = ~(wh > 0).all(axis=1)

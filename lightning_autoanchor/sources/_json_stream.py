@@ -10,6 +10,7 @@ and says where a real syntax error is.
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -24,11 +25,15 @@ BLOCK = 16 << 20
 _LOOKAHEAD = 1 << 20  # a decode error this close to the end of the buffer may be a cut, not a fault
 _MAX_ELEMENT = 256 << 20
 _WHITESPACE = b" \t\r\n"
-_TOKEN = re.compile(rb'\s*("(?:[^"\\]|\\.)*"|[{}\[\],:]|[^\s{}\[\],:"]+)', re.DOTALL)
-_ARRAY_END = re.compile(rb"\}\s*\]")
-_BOUNDARY = re.compile(rb"\}\s*,\s*\{")
+_BOM = b"\xef\xbb\xbf"
+_TOKEN = re.compile(rb'[ \t\r\n]*("[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\],:]|[^ \t\r\n{}\[\],:"]+)', re.DOTALL)
+_SCALAR = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|true|false|null|NaN|-?Infinity")
+_ARRAY_END = re.compile(rb"\}[ \t\r\n]*\]")
+_BOUNDARY = re.compile(rb"\}[ \t\r\n]*,[ \t\r\n]*\{")
 _SKIP = msgspec.json.Decoder(list[msgspec.Raw])
 _PY_DECODER = json.JSONDecoder()
+_DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError)
+_NUMBER_CHARS = "0123456789+-.eE"
 
 
 @dataclass
@@ -48,7 +53,7 @@ class Elements:
 
 
 class _Buffer:
-    """A window on the stream with absolute byte offsets and line numbers."""
+    """A window on the stream with absolute byte offsets and line numbers; checks that it is UTF-8."""
 
     def __init__(self, stream: IO[bytes], path: str, block: int):
         self.stream, self.path, self.block = stream, path, block
@@ -56,6 +61,7 @@ class _Buffer:
         self.base = 0  # absolute offset of data[0]
         self.base_line = 1  # line number of data[0]
         self.eof = False
+        self._utf8 = codecs.getincrementaldecoder("utf-8")()
 
     def fill(self, pos: int, need: int) -> int:
         """Drop bytes before ``pos`` and read until ``need`` bytes follow it (or EOF). Returns new pos."""
@@ -72,8 +78,23 @@ class _Buffer:
                 break
             parts.append(block)
             have += len(block)
+        new = len(self.data)
         self.data = b"".join(parts)
+        self._check_utf8(new)
         return 0
+
+    def _check_utf8(self, new: int) -> None:
+        """Refuse bytes that are not UTF-8 among those from ``data[new:]`` on (a cut character may wait)."""
+        block = self.data[new:]
+        pending = len(self._utf8.getstate()[0])
+        if block.isascii() and not pending and not self.eof:
+            return
+        try:
+            self._utf8.decode(block, final=self.eof)
+        except UnicodeDecodeError as err:
+            at = max(new - pending + err.start, 0)
+            raise self.error(at, f"the file is not valid UTF-8 here (byte {self.data[at:at + 1]!r}); "
+                                 "JSON files must be UTF-8") from None
 
     def line(self, pos: int) -> int:
         return self.base_line + self.data.count(b"\n", 0, pos)
@@ -82,81 +103,105 @@ class _Buffer:
         return DataError(f"{self.path}, line {self.line(pos)}: {message}")
 
 
+def _text(buf: _Buffer, token: bytes, at: int) -> str:
+    """The value of a JSON string token."""
+    try:
+        return json.loads(token.decode("utf-8"))  # from bytes, json would guess UTF-16 for tokens with NULs
+    except ValueError as err:
+        raise buf.error(at, f"invalid string {token[:40]!r}: {err}") from None
+
+
 def stream_arrays(stream: IO[bytes], path: str, decoders: Mapping[str, msgspec.json.Decoder],
                   on_elements: Callable[[Elements], None], *, block_size: int = BLOCK) -> None:
     """Read the JSON object in ``stream`` and pass the elements of its top-level arrays on.
 
     Args:
-        stream: binary stream of a JSON object (plain or from :func:`gzip.open`).
+        stream: binary stream of a JSON object (plain or from :func:`gzip.open`), UTF-8 (a BOM is allowed).
         path: its name, for error messages.
-        decoders: per top-level key, a decoder of ``list[Struct]`` for that array's elements.
-            Arrays of other keys are checked for syntax and skipped.
+        decoders: per top-level key, a decoder of ``list[Struct]`` for that array's elements; the
+            value of such a key must be an array. Other values are checked for syntax and skipped.
         on_elements: called with every run of decoded elements, in file order.
         block_size: bytes read at a time; memory use is a few times this.
 
     Raises:
-        DataError: the file is not a JSON object, is truncated, or has a syntax error (with its line).
+        DataError: the file is not a JSON object, is truncated, is not UTF-8, has a syntax error
+            (with its line) or has a non-array value for a key of ``decoders``.
     """
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
     buf = _Buffer(stream, path, block_size)
     pos = buf.fill(0, block_size)
-    depth, state, key = 0, "start", ""
+    if buf.data.startswith(_BOM):
+        pos = len(_BOM)
+    stack: list[bytes] = []  # open containers, b"{" or b"["
+    expect, key = "start", ""
     while True:
         match = _TOKEN.match(buf.data, pos)
         if match is None or (match.end() == len(buf.data) and not buf.eof):
             if buf.eof:
-                rest = buf.data[pos:].strip()
-                if state == "done" and not rest:
+                rest = buf.data[pos:].strip(_WHITESPACE)
+                if expect == "done" and not rest:
                     return
                 if not rest:
                     raise buf.error(pos, "the file ends before the JSON object is complete (truncated?)")
-                raise buf.error(pos, f"unexpected {rest[:20]!r}")
+                raise buf.error(pos + buf.data[pos:].index(rest[:1]), f"unexpected {rest[:20]!r} (truncated?)")
             pos = buf.fill(pos, len(buf.data) - pos + buf.block)
             continue
         token, at = match.group(1), match.start(1)
         pos = match.end()
-        if state == "done":
+        top = len(stack) == 1  # directly inside the top-level object
+        if expect == "done":
             raise buf.error(at, f"unexpected {token[:20]!r} after the end of the JSON object")
-        if state == "start":
+        if expect == "start":
             if token != b"{":
                 raise buf.error(at, "the file is not a JSON object (it should start with '{')")
-            depth, state = 1, "key"
-        elif depth > 1:  # inside a non-array value of a top-level key: skip it
-            if token in (b"{", b"["):
-                depth += 1
-            elif token in (b"}", b"]"):
-                depth -= 1
-                if depth == 1:
-                    state = "after"
-        elif state == "key":
-            if token == b"}" and key == "":
-                state = "done"
+            stack, expect = [token], "key_or_end"
+        elif expect in ("key", "key_or_end"):
+            if token == b"}" and expect == "key_or_end":
+                stack.pop()
+                expect = "comma_or_end" if stack else "done"
             elif token.startswith(b'"'):
-                key, state = json.loads(token), "colon"
+                name = _text(buf, token, at)
+                if top:
+                    key = name
+                expect = "colon"
             else:
-                raise buf.error(at, f"expected a key, got {token[:20]!r}")
-        elif state == "colon":
+                raise buf.error(at, f"expected a key in quotes, got {token[:20]!r}")
+        elif expect == "colon":
             if token != b":":
-                raise buf.error(at, f"expected ':' after key {key!r}")
-            state = "value"
-        elif state == "value":
-            if token == b"[":
+                raise buf.error(at, f"expected ':' after a key, got {token[:20]!r}")
+            expect = "value"
+        elif expect in ("value", "value_or_end"):
+            if token == b"]" and expect == "value_or_end":
+                stack.pop()
+                expect = "comma_or_end"
+                continue
+            if top and key in decoders and token != b"[":
+                raise buf.error(at, f"the value of {key!r} must be an array, got {token[:20]!r}")
+            if top and token == b"[":
                 pos = _read_array(buf, pos, key, decoders.get(key), on_elements)
-                state = "after"
-            elif token == b"{":
-                depth, state = 2, "value"
-            elif token in (b"}", b"]", b",", b":"):
-                raise buf.error(at, f"expected a value for key {key!r}, got {token!r}")
+                expect = "comma_or_end"
+            elif token in (b"{", b"["):
+                stack.append(token)
+                expect = "key_or_end" if token == b"{" else "value_or_end"
+            elif token.startswith(b'"'):
+                _text(buf, token, at)
+                expect = "comma_or_end"
+            elif _SCALAR.fullmatch(token):
+                expect = "comma_or_end"
             else:
-                state = "after"
-        elif state == "after":
+                where = f" for key {key!r}" if top else ""
+                raise buf.error(at, f"expected a value{where}, got {token[:20]!r}")
+        elif expect == "comma_or_end":
+            close = b"}" if stack[-1] == b"{" else b"]"
             if token == b",":
-                state = "key"
-            elif token == b"}":
-                state = "done"
+                expect = "key" if stack[-1] == b"{" else "value"
+            elif token == close:
+                stack.pop()
+                expect = "comma_or_end" if stack else "done"
             else:
-                raise buf.error(at, f"expected ',' or '}}' after the value of {key!r}, got {token[:20]!r}")
-        if state == "done":
-            depth = 0
+                after = f" after the value of {key!r}" if top else ""
+                raise buf.error(at, f"expected ',' or {close.decode()!r}{after}, got {token[:20]!r}")
 
 
 def _last_boundary(data: bytes, lo: int, hi: int) -> tuple[int, int]:
@@ -188,6 +233,7 @@ def _read_array(buf: _Buffer, pos: int, key: str, decoder: msgspec.json.Decoder 
             on_elements(Elements(key, items, index, starts is None, _line_finder(buf, at, end, starts, len(items))))
         index += len(items)
 
+    comma = False  # the last thing read was a ',' after an element: another element must follow
     while True:
         if len(buf.data) - pos < buf.block and not buf.eof:
             pos = buf.fill(pos, buf.block)
@@ -195,28 +241,36 @@ def _read_array(buf: _Buffer, pos: int, key: str, decoder: msgspec.json.Decoder 
         while pos < len(data) and data[pos] in _WHITESPACE:
             pos += 1
         if pos < len(data) and data[pos] == 0x5D:  # ']'
+            if comma:
+                raise buf.error(pos, f"a ',' is followed by ']' in the array {key!r} (trailing comma)")
             return pos + 1
         end = _ARRAY_END.search(data, pos)
         close, start_next = _last_boundary(data, pos, end.start() + 1 if end else len(data))
         if close >= 0:
-            try:
-                emit(decode(b"[" + data[pos:close + 1] + b"]"), None, pos, close + 1)
-                pos = start_next
+            items = _try_decode(decode, data, pos, close + 1)
+            if items is not None:
+                emit(items, None, pos, close + 1)
+                pos, comma = start_next, False
                 continue
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                pass
         elif end is not None:
-            try:
-                emit(decode(b"[" + data[pos:end.end() - 1] + b"]"), None, pos, end.end() - 1)
+            items = _try_decode(decode, data, pos, end.end() - 1)
+            if items is not None:
+                emit(items, None, pos, end.end() - 1)
                 return end.end()
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                pass
         elif not buf.eof:
             pos = buf.fill(pos, len(buf.data) - pos + buf.block)
             continue
-        pos, done = _read_elements_exactly(buf, pos, emit)
+        pos, done, comma = _read_elements_exactly(buf, pos, emit, comma, key)
         if done:
             return pos
+
+
+def _try_decode(decode: Callable[[bytes], list[Any]], data: bytes, lo: int, hi: int) -> list[Any] | None:
+    """``data[lo:hi]`` decoded as the elements of an array, or ``None`` if they are not (a cut, NaN, ...)."""
+    try:
+        return decode(b"[" + data[lo:hi] + b"]")
+    except _DECODE_ERRORS:
+        return None
 
 
 def _line_finder(buf: _Buffer, lo: int, hi: int, starts: list[int] | None, n: int) -> Callable[[int], int]:
@@ -229,21 +283,33 @@ def _line_finder(buf: _Buffer, lo: int, hi: int, starts: list[int] | None, n: in
     if starts is not None:
         return lambda j: line(starts[j])
 
+    found: list[int] = []
+
     def find(j: int) -> int:
         if data is not buf.data:  # the buffer moved on: only the run's first line is known
             return line(base + lo)
-        cuts = [m.end() - 1 for m in _BOUNDARY.finditer(data, lo, hi)]
-        if len(cuts) != n - 1:  # nested '}, {' inside elements: give the run's first line
-            return line(base + lo)
-        return line(base + (lo if j == 0 else cuts[j - 1]))
+        if not found:
+            cuts = [m.end() - 1 for m in _BOUNDARY.finditer(data, lo, hi)]
+            if len(cuts) != n - 1:  # '}, {' inside elements too: measure each element (it decoded once)
+                cuts, at = [], lo
+                for raw in _SKIP.decode(b"[" + data[lo:hi] + b"]"):
+                    while data[at] in _WHITESPACE or data[at] == 0x2C:  # ','
+                        at += 1
+                    cuts.append(at)
+                    at += len(memoryview(raw))
+                cuts = cuts[1:]
+            found.extend([lo, *cuts])
+        return line(base + found[j])
 
     return find
 
 
-def _read_elements_exactly(buf: _Buffer, pos: int, emit: Callable[..., None]) -> tuple[int, bool]:
+def _read_elements_exactly(buf: _Buffer, pos: int, emit: Callable[..., None], comma: bool,
+                           key: str) -> tuple[int, bool, bool]:
     """Decode elements one by one with :mod:`json` from ``pos`` to the end of the buffered data.
 
-    Returns the position after the last whole element (or after ``]``) and whether the array ended.
+    ``comma``: a ',' was read just before ``pos``. Returns the position after the last whole element
+    (or after ``]``), whether the array ended, and whether that position follows a ','.
     """
     data = buf.data
     try:
@@ -270,8 +336,10 @@ def _read_elements_exactly(buf: _Buffer, pos: int, emit: Callable[..., None]) ->
         while i < len(text) and text[i] in " \t\r\n":
             i += 1
         if i < len(text) and text[i] == "]":
+            if comma:
+                raise buf.error(at(i), f"a ',' is followed by ']' in the array {key!r} (trailing comma)")
             emit(items, starts, pos, at(i))
-            return at(i + 1), True
+            return at(i + 1), True, False
         if i == len(text) and buf.eof:
             raise buf.error(at(i), "the file ends inside an array (truncated?)")
         try:
@@ -281,19 +349,28 @@ def _read_elements_exactly(buf: _Buffer, pos: int, emit: Callable[..., None]) ->
                 k += 1
             whole = k < len(text) or buf.eof
         except json.JSONDecodeError as err:
-            if buf.eof or len(text) - err.pos > _LOOKAHEAD:
+            # a string cut by the end of the buffer is reported where it starts, maybe far back
+            cut = len(text) - err.pos <= _LOOKAHEAD or err.msg.startswith("Unterminated string")
+            if buf.eof and (err.msg.startswith("Unterminated string") or not text[err.pos:].strip(" \t\r\n")):
+                raise buf.error(at(i), "the file ends inside an array element (truncated?)") from None
+            if buf.eof or not cut:
                 raise buf.error(at(err.pos), f"invalid JSON: {err.msg}") from None
             whole = False
+        except ValueError as err:  # e.g. an integer with more digits than Python converts
+            raise buf.error(at(i), f"invalid JSON: {err}") from None
+        if whole and k < len(text) and text[k] not in ",]":
+            if buf.eof or text[k:].strip(_NUMBER_CHARS):
+                raise buf.error(at(k), f"expected ',' or ']' after an array element, got {text[k]!r}")
+            whole = False  # a number cut by the end of the buffer ('1.5' + 'e7'): read on
         if not whole:  # the element may continue past the buffer
             if items:
                 break
             if len(text) - i > _MAX_ELEMENT:
                 raise buf.error(at(i), f"an array element is larger than {_MAX_ELEMENT >> 20} MiB")
-            return buf.fill(pos, len(buf.data) - pos + buf.block), False
-        if k < len(text) and text[k] not in ",]":
-            raise buf.error(at(k), f"expected ',' or ']' after an array element, got {text[k]!r}")
+            return buf.fill(pos, len(buf.data) - pos + buf.block), False, comma
         items.append(value)
         starts.append(buf.base + at(i))
-        i = k + 1 if k < len(text) and text[k] == "," else k
+        comma = k < len(text) and text[k] == ","
+        i = k + 1 if comma else k
     emit(items, starts, pos, at(i))
-    return at(i), False
+    return at(i), False, comma

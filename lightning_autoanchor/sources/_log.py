@@ -13,7 +13,7 @@ class DataWarning(UserWarning):
 
 
 PROBLEMS: dict[str, str] = {
-    "bad_box": "boxes with a non-finite, zero or negative width or height (skipped)",
+    "bad_box": "boxes with a non-finite coordinate or a zero or negative width or height (skipped)",
     "outside_box": "boxes entirely outside their image (skipped)",
     "clipped_box": "boxes reaching more than 1 px outside their image (clipped to it)",
     "bad_line": "label lines that are not 'class x y w h' with numbers in [0, 1] (skipped)",

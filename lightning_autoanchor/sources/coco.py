@@ -8,6 +8,7 @@ Only ``images[].id/width/height/file_name`` and ``annotations[].id/image_id/bbox
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +34,26 @@ class _Image(msgspec.Struct, gc=False):
 class _Annotation(msgspec.Struct, gc=False):
     image_id: Id
     bbox: tuple[float, float, float, float]
-    id: Id | None = None
-    iscrowd: int = 0
+    id: Any = None  # only named in messages
+    iscrowd: int | bool = 0
 
 
 _DECODERS = {"images": msgspec.json.Decoder(list[_Image]), "annotations": msgspec.json.Decoder(list[_Annotation])}
-_STR_ID_BASE = 1 << 62  # string ids get integer codes above every plausible numeric id
+_CODE_BASE = 1 << 62  # string ids (and huge integer ids) get integer codes from here on
+_MIN_ID = -(1 << 63)
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _salvage_image(raw: Any) -> _Image | None:
+    """An image record with a usable id but mistyped other fields: keep it, without what is mistyped."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("id"), int | str) or isinstance(raw.get("id"), bool):
+        return None
+    name = raw.get("file_name")
+    return _Image(raw["id"], _number(raw.get("width")), _number(raw.get("height")),
+                  name if isinstance(name, str) else None)
 
 
 class _Collector:
@@ -46,24 +61,31 @@ class _Collector:
 
     def __init__(self, path: str, log: ReadLog):
         self.path, self.log = path, log
-        self.str_ids: dict[str, int] = {}
+        self.other_ids: dict[Id, int] = {}
         self.image_ids: list[np.ndarray] = []
         self.image_sizes: list[np.ndarray] = []
         self.image_names: list[str] = []
         self.box_image_ids: list[np.ndarray] = []
+        self.box_positions: list[np.ndarray] = []  # index of each kept box in 'annotations', for messages
         self.boxes: list[np.ndarray] = []
         self.crowd = 0
 
     def code(self, value: Id) -> int:
-        if isinstance(value, int):
+        """An int64 code of an image id: the id itself for integers below ``_CODE_BASE``, else a new code.
+
+        Strings never share a code with an integer (``"12"`` is not ``12``) nor with another string.
+        """
+        if type(value) is int and _MIN_ID <= value < _CODE_BASE:
             return value
-        return self.str_ids.setdefault(value, _STR_ID_BASE + len(self.str_ids))
+        return self.other_ids.setdefault(value, _CODE_BASE + len(self.other_ids))
 
     def codes(self, values: list[Id]) -> np.ndarray:
-        try:
-            return np.fromiter(values, np.int64, len(values))
-        except (TypeError, ValueError, OverflowError):
-            return np.fromiter(map(self.code, values), np.int64, len(values))
+        if not values:
+            return np.zeros(0, np.int64)
+        ids = np.array(values)  # integers only give an integer dtype; any string gives a string dtype
+        if ids.dtype == np.int64 and ids.max() < _CODE_BASE:
+            return ids
+        return np.fromiter(map(self.code, values), np.int64, len(values))
 
     def __call__(self, run: Elements) -> None:
         if run.key == "images":
@@ -89,7 +111,11 @@ class _Collector:
             try:
                 out.append(msgspec.convert(raw, _Image))
             except msgspec.ValidationError as err:
-                self.log.problem("bad_record", self.where(run, j), f"not an image record: {err}")
+                image = _salvage_image(raw)  # a mistyped size is then counted as a missing size
+                if image is None:
+                    self.log.problem("bad_record", self.where(run, j), f"not an image record: {err}")
+                else:
+                    out.append(image)
         return out
 
     def add_annotations(self, run: Elements) -> None:
@@ -97,21 +123,25 @@ class _Collector:
             items, lines = run.items, None
         else:
             items, lines = self.checked_annotations(run)
-        crowd = np.fromiter((a.iscrowd for a in items), np.int64, len(items)) != 0
+        crowd = np.fromiter((bool(a.iscrowd) for a in items), bool, len(items))
         self.crowd += int(crowd.sum())
-        bbox = np.array([a.bbox for a in items], dtype=np.float64).reshape(-1, 4)
+        with np.errstate(over="ignore"):  # beyond float32: inf, refused below
+            bbox = np.array([a.bbox for a in items], dtype=np.float64).reshape(-1, 4).astype(np.float32)
         image_ids = self.codes([a.image_id for a in items])
+        positions = run.first + (np.arange(len(items)) if lines is None else np.array(lines, dtype=np.int64))
         bad = ~(np.isfinite(bbox).all(axis=1) & (bbox[:, 2:] > 0).all(axis=1)) & ~crowd
         rows = np.flatnonzero(bad)
         self.log.problems("bad_box", len(rows), [
             (self.where(run, j if lines is None else lines[j]),
-             f"bbox {list(items[j].bbox)} (annotation id {items[j].id}) needs a positive, finite width and height")
+             f"bbox {list(items[j].bbox)} (annotation id {items[j].id!r}) must be finite, with a positive width "
+             "and height")
             for j in rows[:3]])
         keep = ~(bad | crowd)
         if not keep.all():
-            bbox, image_ids = bbox[keep], image_ids[keep]
+            bbox, image_ids, positions = bbox[keep], image_ids[keep], positions[keep]
         self.box_image_ids.append(image_ids)
-        self.boxes.append(bbox.astype(np.float32))
+        self.box_positions.append(positions)
+        self.boxes.append(bbox)
 
     def checked_annotations(self, run: Elements) -> tuple[list[_Annotation], list[int]]:
         out, lines = [], []
@@ -129,8 +159,10 @@ class _Collector:
 
     def box_set(self) -> BoxSet:
         if not self.image_ids:
-            raise DataError(f"{self.path}: no 'images' list with id, width and height: is this a COCO "
-                            "detection file?")
+            bad = self.log.counts["bad_record"]
+            why = f" ({bad} records skipped as bad)" if bad else ""
+            raise DataError(f"{self.path}: no image records in an 'images' list{why}; a COCO detection file "
+                            "needs 'images' with id, width and height")
         ids = np.concatenate(self.image_ids)
         sizes = np.concatenate(self.image_sizes)
         order = np.argsort(ids, kind="stable")
@@ -140,15 +172,16 @@ class _Collector:
             raise DataError(f"{self.path}: image id {self.name_of_id(sorted_ids[dup[0]])} appears more than once "
                             f"in 'images' ({len(dup)} duplicate ids); ids must be unique")
         box_ids = np.concatenate(self.box_image_ids) if self.boxes else np.zeros(0, np.int64)
+        positions = np.concatenate(self.box_positions) if self.boxes else np.zeros(0, np.int64)
         boxes = np.concatenate(self.boxes) if self.boxes else np.zeros((0, 4), np.float32)
-        self.box_image_ids, self.boxes = [], []
+        self.box_image_ids, self.box_positions, self.boxes = [], [], []
         slot = np.searchsorted(sorted_ids, box_ids).clip(max=len(ids) - 1)
         known = sorted_ids[slot] == box_ids
-        del box_ids
         unknown = np.flatnonzero(~known)
         self.log.problems("unknown_image", len(unknown), [
-            (self.path, f"annotation with image_id {self.name_of_id(sorted_ids[slot[j]])} has no entry in 'images'")
-            for j in unknown[:3]])
+            (f"{self.path}: annotations[{positions[j]}]",
+             f"image_id {self.name_of_id(box_ids[j])} has no entry in 'images'") for j in unknown[:3]])
+        del box_ids, positions
         index = order[slot]
         del slot
         missing = ~(np.isfinite(sizes).all(axis=1) & (sizes > 0).all(axis=1))
@@ -171,8 +204,8 @@ class _Collector:
                       source=self.path, skipped=skipped)
 
     def name_of_id(self, code: int) -> str:
-        if code >= _STR_ID_BASE:
-            return repr(next(k for k, v in self.str_ids.items() if v == code))
+        if code >= _CODE_BASE:
+            return repr(next(k for k, v in self.other_ids.items() if v == code))
         return str(int(code))
 
 
@@ -190,7 +223,7 @@ def read_coco(path: str | Path, *, strict: bool = False) -> BoxSet:
         opener: Any = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as stream:
             stream_arrays(stream, str(path), _DECODERS, collector)
-    except OSError as err:  # missing file, permission, corrupt gzip
+    except (OSError, EOFError, zlib.error) as err:  # missing file, permission, corrupt or truncated gzip
         raise DataError(f"{path}: cannot read: {err}") from None
     box_set = collector.box_set()
     log.warn()

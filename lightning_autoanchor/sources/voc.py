@@ -28,7 +28,11 @@ def _xml_files(path: Path, split: str | None) -> tuple[list[str], str | None]:
         listing = annotations.parent / "ImageSets" / "Main" / f"{split}.txt"
         if not listing.is_file():
             raise DataError(f"{path}: no split list {listing} for split '{split}'")
-        ids = [line.split()[0] for line in listing.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = listing.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise DataError(f"{listing}: cannot read the split list: {err}") from None
+        ids = [line.split()[0] for line in text.splitlines() if line.strip()]
         files = [str(annotations / f"{i}.xml") for i in ids]
     else:
         files = sorted(str(annotations / name) for name in os.listdir(annotations) if name.lower().endswith(".xml"))

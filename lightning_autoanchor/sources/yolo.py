@@ -75,6 +75,8 @@ def _split_images(yaml_path: Path, split: str) -> list[str]:
         keys = sorted(config) if isinstance(config, dict) else []
         raise DataError(f"{yaml_path}: no '{split}' entry (the dataset YAML has {keys}); "
                         f"name the split with --split")
+    if not isinstance(config.get("path") or ".", str):
+        raise DataError(f"{yaml_path}: 'path' must be a folder name, got {config['path']!r}")
     root = Path(config.get("path") or ".")
     if not root.is_absolute():
         root = (yaml_path.parent / root) if (yaml_path.parent / root).exists() else root.resolve()
@@ -160,7 +162,8 @@ def read_yolo(path: str | Path, *, split: str = "train", strict: bool = False, c
     """Read YOLO labels into a :class:`BoxSet`.
 
     Args:
-        path: an Ultralytics dataset YAML (its ``split`` entry is read) or a folder of label files.
+        path: an Ultralytics dataset YAML (its ``split`` entry is read), a folder of label files, or a
+            dataset folder with a ``labels`` folder in it (all its label files are read).
         split: the YAML entry to read (``train``, ``val``, ``test``).
         strict: refuse any bad line, image or file instead of skipping it with a warning.
         cache: reuse (and write) the cache of image sizes and labels.
@@ -168,12 +171,13 @@ def read_yolo(path: str | Path, *, split: str = "train", strict: bool = False, c
         progress: show a progress bar on a terminal.
     """
     path = Path(path)
-    if path.suffix in (".yaml", ".yml"):
+    if path.suffix.lower() in (".yaml", ".yml"):
         pairs = [(label_path(im), im) for im in _split_images(path, split)]
         if not pairs:
             raise DataError(f"{path}: the '{split}' split lists no images")
-    elif path.is_dir():
-        pairs = _label_folder_pairs(path)
+    elif path.is_dir():  # a dataset folder holding labels/ (and images/) stands for all its labels
+        nested = path / "labels"
+        pairs = _label_folder_pairs(nested if nested.is_dir() and path.name != "labels" else path)
         split = "labels"
     else:
         raise DataError(f"{path}: not a dataset YAML nor a folder of YOLO label files")
@@ -208,12 +212,16 @@ def _read_pairs(pairs: list[tuple[str, str | None]], log: ReadLog, workers: int 
     sizes = np.full((len(pairs), 2), np.nan)
     boxes: list[np.ndarray] = []
     index: list[np.ndarray] = []
+    examples: dict[str, list[tuple[str, str]]] = {}  # the first few of each kind, kept for the cache
     bar = progress_bar(map_files(read_yolo_label, pairs, workers=workers), desc="Reading labels",
                        enabled=progress, total=len(pairs), unit="file")
     for i, (size, file_boxes, problems) in enumerate(bar):
         for kind, where, message in problems:
             if where:
-                log.problem(kind, where, message)
+                log.problem(kind, where, message)  # raises when strict
+                shown = examples.setdefault(kind, [])
+                if len(shown) < 3:
+                    shown.append((where, message))
             else:
                 log.counts[kind] += 1
         if size is None:
@@ -227,5 +235,5 @@ def _read_pairs(pairs: list[tuple[str, str | None]], log: ReadLog, workers: int 
         "boxes": np.concatenate(boxes) if boxes else np.zeros((0, 4)),
         "index": np.concatenate(index) if index else np.zeros(0, np.int64),
         "names": np.array(names),
-        "log": np.array(json.dumps({"counts": dict(log.counts), "examples": log.examples})),
+        "log": np.array(json.dumps({"counts": dict(log.counts), "examples": examples})),
     }
