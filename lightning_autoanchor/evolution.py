@@ -68,7 +68,13 @@ class LogSpaceFitness:
 
     def __call__(self, anchors: Tensor) -> Tensor:
         """``(...,)`` weighted fitness of ``(..., K, 2)`` log anchor sets."""
-        return self.quality(anchors).amax(dim=-2) @ self.weights
+        du = self.points[:, 0] - anchors[..., :, 0:1]
+        dv = self.points[:, 1] - anchors[..., :, 1:2]
+        if self.kernel is _ratio_quality:  # the best anchor is the nearest: take exp once per point
+            best = torch.exp(-torch.maximum(du.abs_(), dv.abs_()).amin(dim=-2))
+        else:
+            best = self.kernel(du, dv).amax(dim=-2)
+        return (best * (best > self.cut)) @ self.weights
 
 
 def evolve(fitness: LogSpaceFitness, anchors: Tensor, *, generations: int = 1000, mutation_prob: float = 0.9,
@@ -148,7 +154,6 @@ def refine(fitness: LogSpaceFitness, anchors: Tensor, *, step: float = 0.1, min_
     n_starts, k, _ = batch.shape
     directions = _DIRECTIONS.to(batch.device)
     anchor_ids = torch.arange(k, device=batch.device)[None, :, None]
-    rows = torch.arange(n_starts, device=batch.device)
     min_log = math.log(MIN_ANCHOR_SIZE)
     points, weights, cut = fitness.points, fitness.weights, fitness.cut
     steps = torch.full((n_starts,), float(step), device=batch.device)
@@ -183,21 +188,19 @@ def refine(fitness: LogSpaceFitness, anchors: Tensor, *, step: float = 0.1, min_
         chosen = candidates.gather(2, best_dir[:, :, None, None].expand(-1, -1, 1, 2))[:, :, 0]  # (S, K, 2)
         mover_s, mover_k = helps.nonzero(as_tuple=True)
         mover_raw = fitness.raw_quality(chosen[mover_s, mover_k][:, None, :])[:, 0]  # (M, B)
-        best_move = best_score.masked_fill(~helps, -1).argmax(dim=1)  # (S,)
-        # Two trials per search: every helpful move at once, and the single best move alone.
-        trials = batch[:, None].repeat(1, 2, 1, 1)  # (S, 2, K, 2)
-        trial_raw = raw[:, None].repeat(1, 2, 1, 1)  # (S, 2, K, B)
-        trials[mover_s, 0, mover_k] = chosen[mover_s, mover_k]
-        trial_raw[mover_s, 0, mover_k] = mover_raw
-        is_single = mover_k == best_move[mover_s]
-        trials[mover_s[is_single], 1, mover_k[is_single]] = chosen[mover_s[is_single], mover_k[is_single]]
-        trial_raw[mover_s[is_single], 1, mover_k[is_single]] = mover_raw[is_single]
-        trial_quality = trial_raw * (trial_raw > cut)
-        trial_score = trial_quality.amax(dim=2) @ weights  # (S, 2)
-        pick = trial_score.argmax(dim=1)
-        take = improving & (trial_score[rows, pick] > current)
-        batch = torch.where(take[:, None, None], trials[rows, pick], batch)
-        raw = torch.where(take[:, None, None], trial_raw[rows, pick], raw)
-        quality = torch.where(take[:, None, None], trial_quality[rows, pick], quality)
-        current = torch.where(take, trial_score[rows, pick], current)
+        mover_quality = mover_raw * (mover_raw > cut)
+        # Take every helpful move at once, or the single best move (its fitness is already exact),
+        # whichever is fitter.
+        together = quality.clone()
+        together[mover_s, mover_k] = mover_quality
+        together_score = together.amax(dim=1) @ weights  # (S,)
+        single_score, single_k = best_score.masked_fill(~helps, -1.0).max(dim=1)
+        all_at_once = together_score > single_score
+        keep = all_at_once[mover_s] | (mover_k == single_k[mover_s])
+        s_kept, k_kept = mover_s[keep], mover_k[keep]
+        batch = batch.clone()
+        batch[s_kept, k_kept] = chosen[s_kept, k_kept]
+        raw[s_kept, k_kept] = mover_raw[keep]
+        quality[s_kept, k_kept] = mover_quality[keep]
+        current = torch.where(improving, torch.where(all_at_once, together_score, single_score), current)
     return batch[0] if anchors.ndim == 2 else batch

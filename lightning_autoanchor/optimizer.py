@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -63,6 +65,17 @@ class AnchorResult:
             "generations": self.generations,
             "seconds": round(self.seconds, 4),
         }
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch's CPU operations on one thread inside the block, then restore the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def sort_by_area(anchors: Tensor) -> Tensor:
@@ -139,20 +152,21 @@ def fit_anchors(wh: Tensor, n: int = 9, *, thr: float | None = None, metric: Met
                              "as anchors, or ask for fewer anchors")
     generator = torch.Generator().manual_seed(seed)
 
-    # Summaries are built where the boxes are (a GPU, for boxes on one); the search runs on the CPU:
-    # its tensors are small, and there per-operation overhead, not arithmetic, sets the pace.
+    # Summaries are built where the boxes are (a GPU, for boxes on one). The search runs on the CPU
+    # and on one thread: its tensors are small, so per-operation overhead sets the pace, and a thread
+    # pool that waits for a core another process holds would slow each of its thousands of steps.
     fine = LogSpaceFitness(*(t.cpu() for t in log_bins(wh, FINE_BIN)), metric=metric, thr=thr)
-    coarse = LogSpaceFitness(*log_bins(fine.points.exp(), COARSE_BIN, fine.weights), metric=metric, thr=thr)
-    rough = LogSpaceFitness(*log_bins(coarse.points.exp(), ROUGH_BIN, coarse.weights), metric=metric, thr=thr)
-
-    starts = initial_anchors(rough.points.exp(), n, init, weights=rough.weights, generator=generator,
-                             starts=KMEANS_STARTS).clamp(min=MIN_ANCHOR_SIZE).log()
-    if generations:
-        starts = evolve(rough, starts, generations=-(-generations // KMEANS_STARTS), mutation_prob=mutation_prob,
-                        sigma=sigma, population=population, generator=generator, progress=progress)
-    starts = refine(coarse, starts, step=COARSE_BIN, min_step=COARSE_BIN / 4)
-    best = starts[int(coarse(starts).argmax())]
-    best = refine(fine, best, step=FINE_BIN / 2, min_step=FINE_BIN / 20)
+    with single_thread():
+        coarse = LogSpaceFitness(*log_bins(fine.points.exp(), COARSE_BIN, fine.weights), metric=metric, thr=thr)
+        rough = LogSpaceFitness(*log_bins(coarse.points.exp(), ROUGH_BIN, coarse.weights), metric=metric, thr=thr)
+        starts = initial_anchors(rough.points.exp(), n, init, weights=rough.weights, generator=generator,
+                                 starts=KMEANS_STARTS).clamp(min=MIN_ANCHOR_SIZE).log()
+        if generations:
+            starts = evolve(rough, starts, generations=-(-generations // KMEANS_STARTS), mutation_prob=mutation_prob,
+                            sigma=sigma, population=population, generator=generator, progress=progress)
+        starts = refine(coarse, starts, step=COARSE_BIN, min_step=COARSE_BIN / 4)
+        best = starts[int(coarse(starts).argmax())]
+        best = refine(fine, best, step=FINE_BIN / 2, min_step=FINE_BIN / 20)
 
     anchors = sort_by_area(best.exp())
     return AnchorResult(
