@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Literal
 
 from jsonargparse import ArgumentParser, Namespace
@@ -147,6 +148,15 @@ def run_check(args: Namespace) -> dict[str, Any]:
     return out
 
 
+@contextmanager
+def _writing(path: str) -> Iterator[None]:
+    """Turn a failure to write ``path`` into a one-line error naming it."""
+    try:
+        yield
+    except OSError as err:
+        raise ConfigError(f"cannot write {path}: {err.strerror or err}") from None
+
+
 def run_compute(args: Namespace) -> dict[str, Any]:
     from lightning_autoanchor.optimizer import fit_anchors
     from lightning_autoanchor.reporting import (
@@ -157,7 +167,9 @@ def run_compute(args: Namespace) -> dict[str, Any]:
         write_text_atomic,
     )
 
-    if args.n < 1 or args.n % args.levels:
+    if args.n < 1 or args.levels < 1:
+        raise ConfigError(f"--n and --levels must be at least 1, got {args.n} and {args.levels}")
+    if args.n % args.levels:
         raise ConfigError(f"--n {args.n} anchors cannot be split evenly over --levels {args.levels}")
     box_set, wh, dropped = _load(args)
     result = fit_anchors(wh, args.n, thr=args.thr, metric=args.metric, generations=args.generations,
@@ -168,10 +180,12 @@ def run_compute(args: Namespace) -> dict[str, Any]:
                         comments=header_comments(str(args.data), args.img_size, args.resize, args.metric,
                                                  result.thr, result.scores, args.seed))
     if args.out:
-        out["out"] = str(write_text_atomic(args.out, text))
+        with _writing(args.out):
+            out["out"] = str(write_text_atomic(args.out, text))
     if args.plot:
-        out["plot"] = str(plot_anchors(wh, result.anchors, args.plot, thr=result.thr, metric=args.metric,
-                                       title=f"{args.data} at {args.img_size:g} px"))
+        with _writing(args.plot):
+            out["plot"] = str(plot_anchors(wh, result.anchors, args.plot, thr=result.thr, metric=args.metric,
+                                           title=f"{args.data} at {args.img_size:g} px"))
     if not args.json:
         _print_human(args, box_set, out, [*describe_scores(result.scores, result.thr, args.metric),
                                           f"fitted in {result.seconds:.2f} s (seed {args.seed})", "", text.rstrip()])

@@ -16,6 +16,8 @@ import os
 import re
 import shutil
 import struct
+import subprocess
+import sys
 import warnings
 import zlib
 from collections.abc import Callable
@@ -366,7 +368,7 @@ def test_yolo_cache(tmp_path: Path) -> None:
 
 
 def test_parallel_reads_match_serial(tmp_path: Path) -> None:
-    """``workers=2`` (forkserver processes) gives the same box set and problems as ``workers=1``."""
+    """``workers=2`` (forked worker processes) gives the same box set and problems as ``workers=1``."""
     d = load_slice("coco2017")
     d = {**d, "images": d["images"][:60]}
     yaml_path = write_yolo(d, tmp_path / "yolo")
@@ -385,6 +387,27 @@ def test_parallel_reads_match_serial(tmp_path: Path) -> None:
         assert serial_messages == parallel_messages
         assert serial.num_images == 60
         assert serial.skipped == ({"bad_line": 3} if read is read_yolo else {"unreadable_file": 1})
+
+
+@pytest.mark.parametrize("how", ["stdin", "script without a main guard"])
+def test_parallel_reads_never_rerun_the_callers_script(how: str, tmp_path: Path) -> None:
+    """Worker processes are forked: a script fed on stdin, or one without ``if __name__ == "__main__"``,
+    is not run again in them (spawned workers would re-import it)."""
+    d = {**load_slice("voc2007"), "images": load_slice("voc2007")["images"][:30]}
+    yaml_path = write_yolo(d, tmp_path / "yolo")
+    marker = tmp_path / "runs.txt"
+    code = (f"from pathlib import Path\nfrom lightning_autoanchor.sources import read_yolo\n"
+            f"with Path({str(marker)!r}).open('a') as f:\n    f.write('run\\n')\n"
+            f"print(len(read_yolo({str(yaml_path)!r}, workers=2, cache=False)))\n")
+    if how == "stdin":
+        done = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True, timeout=120)
+    else:
+        script = tmp_path / "script.py"
+        script.write_text(code)
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout) == sum(len(b) for b in by_image(d).values())
+    assert marker.read_text() == "run\n"
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -8,11 +8,13 @@ raising, so one bad file never stops the read.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import get_all_start_methods, get_context
 from typing import Any, TypeVar
 
 import numpy as np
@@ -185,22 +187,38 @@ def _run_chunk(func: Callable[..., R], args: Sequence[tuple[Any, ...]]) -> list[
     return [func(*a) for a in args]
 
 
+def _can_fork() -> bool:
+    """Whether worker processes can be forked safely: ``fork`` exists and no other Python thread runs.
+
+    Forked workers start at once and never re-import ``__main__`` (as spawned ones do, re-running a
+    script without an ``if __name__ == "__main__"`` guard); forking a process that runs other threads
+    can deadlock, so then the files are read in this process.
+    """
+    return "fork" in get_all_start_methods() and threading.active_count() == 1
+
+
 def map_files(func: Callable[..., R], args: Sequence[tuple[Any, ...]], *, workers: int | None = None) -> Iterator[R]:
-    """``func(*a)`` for every ``a`` in ``args``, in order; in worker processes for large inputs.
+    """``func(*a)`` for every ``a`` in ``args``, in order; in forked worker processes for large inputs.
 
     ``workers=None`` uses every core (at most 8) when there are at least 2,000 files, else this
-    process; an explicit ``workers`` count is used as given.
+    process; an explicit ``workers`` count is used as given. Where workers cannot be forked safely
+    (see :func:`_can_fork`) or the pool breaks, the files are read in this process.
     """
     if workers is None:
         n_workers = min(os.cpu_count() or 1, 8) if len(args) >= _PARALLEL_MIN_FILES else 1
     else:
         n_workers = max(1, workers)
-    if n_workers == 1:
-        for a in args:
-            yield func(*a)
-        return
-    size = min(_TASK_SIZE, -(-len(args) // n_workers))
-    chunks = [args[i:i + size] for i in range(0, len(args), size)]
-    with ProcessPoolExecutor(n_workers, mp_context=get_context("forkserver")) as pool:
-        for results in pool.map(_run_chunk, [func] * len(chunks), chunks):
-            yield from results
+    if n_workers > 1 and _can_fork():
+        size = min(_TASK_SIZE, -(-len(args) // n_workers))
+        chunks = [args[i:i + size] for i in range(0, len(args), size)]
+        done = 0
+        try:
+            with ProcessPoolExecutor(n_workers, mp_context=get_context("fork")) as pool:
+                for results in pool.map(_run_chunk, [func] * len(chunks), chunks):
+                    yield from results
+                    done += len(results)
+            return
+        except BrokenProcessPool:
+            args = args[done:]  # a worker died (e.g. killed for memory): finish here
+    for a in args:
+        yield func(*a)

@@ -31,12 +31,13 @@ from lightning_autoanchor.sources._log import ReadLog
 IMAGE_SUFFIXES = (".bmp", ".dng", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp", ".pfm")
 CACHE_VERSION = 1
 
-FileStat = tuple[str, int, int]  # path, mtime_ns, size
+FileStat = tuple[int, int]  # mtime_ns, size
 
 
-def _walk(root: str, suffixes: tuple[str, ...]) -> list[FileStat]:
-    """Files under ``root`` (recursively) whose name ends in one of ``suffixes``, sorted, with their stats."""
-    found: list[FileStat] = []
+def _walk(root: str, suffixes: tuple[str, ...], stats: dict[str, FileStat] | None = None) -> list[str]:
+    """Files under ``root`` (recursively) whose name ends in one of ``suffixes``, sorted; their stats go
+    into ``stats`` (for the cache key, so no file is looked at twice)."""
+    found: list[str] = []
     stack = [root]
     while stack:
         with os.scandir(stack.pop()) as entries:
@@ -44,17 +45,19 @@ def _walk(root: str, suffixes: tuple[str, ...]) -> list[FileStat]:
                 if entry.is_dir():
                     stack.append(entry.path)
                 elif entry.name.lower().endswith(suffixes):
-                    st = entry.stat()
-                    found.append((entry.path, st.st_mtime_ns, st.st_size))
+                    found.append(entry.path)
+                    if stats is not None:
+                        st = entry.stat()
+                        stats[entry.path] = (st.st_mtime_ns, st.st_size)
     return sorted(found)
 
 
 def _stat(path: str) -> FileStat:
     try:
         st = os.stat(path)
-        return path, st.st_mtime_ns, st.st_size
+        return st.st_mtime_ns, st.st_size
     except OSError:
-        return path, -1, -1
+        return -1, -1
 
 
 def label_path(image_path: str) -> str:
@@ -65,7 +68,7 @@ def label_path(image_path: str) -> str:
     return os.path.splitext(image_path)[0] + ".txt"
 
 
-def _split_images(yaml_path: Path, split: str) -> list[str]:
+def _split_images(yaml_path: Path, split: str, stats: dict[str, FileStat]) -> list[str]:
     """Image paths of ``split`` in an Ultralytics dataset YAML."""
     try:
         config = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
@@ -85,7 +88,7 @@ def _split_images(yaml_path: Path, split: str) -> list[str]:
     for entry in entries:
         where = root / str(entry)
         if where.is_dir():
-            images.extend(p for p, _, _ in _walk(str(where), IMAGE_SUFFIXES))
+            images.extend(_walk(str(where), IMAGE_SUFFIXES, stats))
         elif where.is_file() and where.suffix == ".txt":
             for line in where.read_text(encoding="utf-8", errors="replace").splitlines():
                 line = line.strip()
@@ -99,10 +102,10 @@ def _split_images(yaml_path: Path, split: str) -> list[str]:
     return images
 
 
-def _label_folder_pairs(labels_dir: Path) -> list[tuple[str, str | None]]:
+def _label_folder_pairs(labels_dir: Path, stats: dict[str, FileStat]) -> list[tuple[str, str | None]]:
     """(label file, image file) pairs of a folder of label files; images are looked up by name in the
     mirrored ``images`` folder and beside the labels."""
-    labels = [p for p, _, _ in _walk(str(labels_dir), (".txt",)) if os.path.basename(p) != "classes.txt"]
+    labels = [p for p in _walk(str(labels_dir), (".txt",), stats) if os.path.basename(p) != "classes.txt"]
     if not labels:
         raise DataError(f"{labels_dir}: no .txt label files found")
     search = [str(labels_dir)]
@@ -113,7 +116,7 @@ def _label_folder_pairs(labels_dir: Path) -> list[tuple[str, str | None]]:
     stems: dict[str, str] = {}
     for folder in reversed(search):
         if os.path.isdir(folder):
-            for p, _, _ in _walk(folder, IMAGE_SUFFIXES):
+            for p in _walk(folder, IMAGE_SUFFIXES, stats):
                 stems[os.path.splitext(os.path.relpath(p, folder))[0]] = p
     return [(lb, stems.get(os.path.splitext(os.path.relpath(lb, labels_dir))[0])) for lb in labels]
 
@@ -128,10 +131,14 @@ def _cache_file(source: Path, split: str, key: str) -> Path:
     return base / f"{hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:16]}-{name[1:]}"
 
 
-def _cache_key(pairs: list[tuple[str, str | None]]) -> str:
+def _cache_key(pairs: list[tuple[str, str | None]], stats: dict[str, FileStat]) -> str:
+    """Hash of every label and image path with its modification time and size."""
+    def stat(p: str) -> FileStat:
+        return stats.get(p) or _stat(p)
+
     h = hashlib.sha1(f"v{CACHE_VERSION}".encode())
-    for label, image in pairs:
-        h.update(repr((_stat(label), _stat(image) if image else None)).encode())
+    h.update("\n".join(f"{label}\0{stat(label)}\0{image}\0{stat(image) if image else ''}"
+                        for label, image in pairs).encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 
@@ -171,18 +178,19 @@ def read_yolo(path: str | Path, *, split: str = "train", strict: bool = False, c
         progress: show a progress bar on a terminal.
     """
     path = Path(path)
+    stats: dict[str, FileStat] = {}
     if path.suffix.lower() in (".yaml", ".yml"):
-        pairs = [(label_path(im), im) for im in _split_images(path, split)]
+        pairs = [(label_path(im), im) for im in _split_images(path, split, stats)]
         if not pairs:
             raise DataError(f"{path}: the '{split}' split lists no images")
     elif path.is_dir():  # a dataset folder holding labels/ (and images/) stands for all its labels
         nested = path / "labels"
-        pairs = _label_folder_pairs(nested if nested.is_dir() and path.name != "labels" else path)
+        pairs = _label_folder_pairs(nested if nested.is_dir() and path.name != "labels" else path, stats)
         split = "labels"
     else:
         raise DataError(f"{path}: not a dataset YAML nor a folder of YOLO label files")
     log = ReadLog(str(path), strict)
-    key = _cache_key(pairs)
+    key = _cache_key(pairs, stats)
     cache_path = _cache_file(path, split, key)
     cached = _load_cache(cache_path, key) if cache and not strict else None
     if cached is None:
