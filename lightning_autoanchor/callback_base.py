@@ -19,7 +19,7 @@ from torch import nn
 from lightning_autoanchor import errors
 from lightning_autoanchor.boxes import BoxSet
 from lightning_autoanchor.errors import AutoAnchorError, ConfigError, DataError, HeadError
-from lightning_autoanchor.heads import Heads, find_heads, write_all
+from lightning_autoanchor.heads import Heads, find_heads, follows_strides, write_all
 from lightning_autoanchor.metrics import DEFAULT_THR, match_cut
 from lightning_autoanchor.refit import AnchorUpdate, refit_anchors
 from lightning_autoanchor.reporting import anchors_yaml, describe_scores, header_comments, write_text_atomic
@@ -173,6 +173,12 @@ class AutoAnchorBase:
                                generations=self.generations, mutation_prob=self.mutation_prob, sigma=self.sigma,
                                seed=self.seed, device=_device_of(pl_module),
                                progress=trainer.progress_bar_callback is not None)
+        strides = heads.primary.strides
+        if not update.replaced and not follows_strides(update.anchors_before, strides):
+            areas = [round(a) for a in update.anchors_before.prod(-1).mean(-1).tolist()]
+            self._warn(f"AutoAnchor: the anchors of {heads.names[0]} do not grow with the strides of their levels "
+                       f"(mean areas {areas} px^2 at strides {strides.tolist()}): small objects are matched on "
+                       "coarse levels. Reverse the order of the levels' anchors in the model config.")
         if update.replaced:
             frozen = [n for n, p in _parameters(heads) if not p.requires_grad]
             if frozen:

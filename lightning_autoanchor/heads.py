@@ -182,6 +182,15 @@ def check_anchors(anchors: Tensor, where: str) -> None:
         raise HeadError(f"{where}: anchors must be positive and finite, got {anchors.reshape(-1, 2).tolist()}")
 
 
+def follows_strides(anchors: Tensor, strides: Tensor) -> bool:
+    """Whether the levels' mean anchor areas grow with their strides (YOLOv5's ``check_anchor_order``).
+
+    ``anchors``: ``(levels, per_level, 2)`` pixels; ``strides``: ``(levels,)``.
+    """
+    areas = anchors.prod(dim=-1).mean(dim=-1)[strides.argsort()]
+    return bool((areas.diff() >= 0).all())
+
+
 def assign_to_levels(anchors: Tensor, strides: Tensor, per_level: int) -> Tensor:
     """Arrange anchors sorted by area over levels in stride order: small anchors on fine levels.
 

@@ -442,3 +442,26 @@ def test_custom_heads_plug_in_through_the_protocol(tmp_path: Path) -> None:
     named = AutoAnchor(img_size=IMG, head="retina")
     trainer(tmp_path, named).fit(AdaptedModel(), CountingData())
     assert named.update is not None and named.update.anchors_after.shape == (3, 3, 2)
+
+
+def test_warns_when_kept_anchors_are_in_reverse_level_order(tmp_path: Path) -> None:
+    data = CountingData()
+    reversed_levels = fitted_anchors(data)[::-1]  # large anchors on the stride-8 level
+    model = TinyYolo(width=4, anchors=reversed_levels)
+    before = model.head.anchors.clone()
+    callback = AutoAnchor(img_size=IMG)
+    with pytest.warns(UserWarning, match="do not grow with the strides"):
+        trainer(tmp_path, callback).fit(model, data)
+    assert callback.update is not None and not callback.update.replaced
+    assert torch.equal(model.head.anchors, before), "kept as they are: only a better fit is written"
+
+
+def test_level_order_check() -> None:
+    from lightning_autoanchor.heads import assign_to_levels, follows_strides
+
+    anchors = torch.tensor([[10.0, 10], [20, 20], [40, 40], [80, 80]])
+    strides = torch.tensor([32.0, 8.0])  # a head that lists its coarse level first
+    laid_out = assign_to_levels(anchors, strides, 2)
+    torch.testing.assert_close(laid_out[1], anchors[:2])  # small anchors on the stride-8 level
+    assert follows_strides(laid_out, strides)
+    assert not follows_strides(laid_out.flip(0), strides)
