@@ -27,8 +27,14 @@ def default_anchors_px() -> torch.Tensor:
     return torch.tensor(DEFAULT_ANCHORS, dtype=torch.float32).view(3, 3, 2)
 
 
-def test_demo_config_fast_dev_run_fires_the_callback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run each CLI in a fresh folder (its logs land there), with no pytest arguments in ``sys.argv``."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["cli"])
+
+
+def test_demo_config_fast_dev_run_fires_the_callback() -> None:
     cli = LightningCLI(TinyYolo, RenderedBoxesDataModule, args=[
         "fit", "--config", str(DEMO_CONFIG), "--trainer.fast_dev_run=true", "--model.width=4"])
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, AutoAnchor))
@@ -58,8 +64,7 @@ class UnifiedYolo(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
 
-def test_unified_namespace_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
+def test_unified_namespace_config() -> None:
     cli = UnifiedCLI(UnifiedYolo, args=[
         "fit", "--config", str(UNIFIED_CONFIG), "--trainer.fast_dev_run=true",
         "--trainer.callbacks.init_args.img_size=64",
@@ -71,9 +76,7 @@ def test_unified_namespace_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     torch.testing.assert_close(head.anchors * head.stride.view(-1, 1, 1), callback.update.anchors_after)
 
 
-def test_each_cli_rejects_the_other_namespace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.chdir(tmp_path)
+def test_each_cli_rejects_the_other_namespace(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         LightningCLI(TinyYolo, RenderedBoxesDataModule, run=False, args=[
             "--trainer.callbacks=lightning_autoanchor.lightning.AutoAnchor"])
