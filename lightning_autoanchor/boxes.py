@@ -184,11 +184,12 @@ class SmallBoxes:
     def describe(self, max_images: int = 10) -> str:
         if not self.count:
             return f"no box is under {self.min_side:g} px"
-        shown = ", ".join(self.images[:max_images])
+        text = (f"{self.count} of {self.total} boxes are under {self.min_side:g} px on a side "
+                f"({self.unfit} under {MIN_FIT_SIZE:g} px on both, left out of fitting), in {len(self.images)} images")
+        if max_images < 1:
+            return text
         more = f" and {len(self.images) - max_images} more" if len(self.images) > max_images else ""
-        return (f"{self.count} of {self.total} boxes are under {self.min_side:g} px on a side "
-                f"({self.unfit} under {MIN_FIT_SIZE:g} px on both, left out of fitting), "
-                f"in {len(self.images)} images: {shown}{more}")
+        return f"{text}: {', '.join(self.images[:max_images])}{more}"
 
 
 def fit_mask(wh: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -195,12 +196,19 @@ def run_compute(args: Namespace) -> dict[str, Any]:
     return out
 
 
+def _show_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
+    """Warnings (e.g. skipped annotations) as one ``lightning-autoanchor: warning:`` line each, on stderr."""
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lightning-autoanchor`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
         command = args.command
-        out = run_check(args.check) if command == "check" else run_compute(args.compute)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            out = run_check(args.check) if command == "check" else run_compute(args.compute)
     except AutoAnchorError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 1

@@ -55,16 +55,11 @@ class LogSpaceFitness:
         self.kernel = _QUALITY[metric]
 
     def raw_quality(self, anchors: Tensor) -> Tensor:
-        """``(..., K, B)`` match quality of each anchor with each point.
+        """``(..., K, B)`` match quality of each anchor with each point (before the match cut).
 
         ``anchors``: ``(..., K, 2)`` log anchor sizes.
         """
         return self.kernel(self.points[:, 0] - anchors[..., :, 0:1], self.points[:, 1] - anchors[..., :, 1:2])
-
-    def quality(self, anchors: Tensor) -> Tensor:
-        """Like :meth:`raw_quality`, with 0 where a point does not match (quality at or under the cut)."""
-        q = self.raw_quality(anchors)
-        return q * (q > self.cut)
 
     def __call__(self, anchors: Tensor) -> Tensor:
         """``(...,)`` weighted fitness of ``(..., K, 2)`` log anchor sets."""

@@ -32,7 +32,7 @@ def clip_to_image(boxes: np.ndarray, sizes: np.ndarray, index: np.ndarray, log: 
     clipped = ~outside & ((boxes[:, 2:] - wh) > 1.0).any(axis=1)
     for mask, kind, what in ((outside, "outside_box", "lies outside"), (clipped, "clipped_box", "reaches outside")):
         rows = np.flatnonzero(mask)
-        log.problems(kind, len(rows), [(log.source, f"box {np.round(boxes[j], 2).tolist()} {what} image "
+        log.problems(kind, len(rows), [(log.source, f"box {[round(float(v), 2) for v in boxes[j]]} {what} image "
                                                     f"{names[index[j]]} of size {sizes[index[j]].tolist()}")
                                        for j in rows[:3]])
     inside = ~(clipped | outside)

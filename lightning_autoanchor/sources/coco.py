@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import gzip
 import zlib
+from itertools import chain
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ class _Annotation(msgspec.Struct, gc=False):
     iscrowd: int | bool = 0
 
 
+_BBOX, _ISCROWD = attrgetter("bbox"), attrgetter("iscrowd")
 _DECODERS = {"images": msgspec.json.Decoder(list[_Image]), "annotations": msgspec.json.Decoder(list[_Annotation])}
 _CODE_BASE = 1 << 62  # string ids (and huge integer ids) get integer codes from here on
 _MIN_ID = -(1 << 63)
@@ -123,10 +126,11 @@ class _Collector:
             items, lines = run.items, None
         else:
             items, lines = self.checked_annotations(run)
-        crowd = np.fromiter((bool(a.iscrowd) for a in items), bool, len(items))
+        crowd = np.fromiter(map(bool, map(_ISCROWD, items)), bool, len(items))
         self.crowd += int(crowd.sum())
         with np.errstate(over="ignore"):  # beyond float32: inf, refused below
-            bbox = np.array([a.bbox for a in items], dtype=np.float64).reshape(-1, 4).astype(np.float32)
+            bbox = np.fromiter(chain.from_iterable(map(_BBOX, items)), np.float64, 4 * len(items))
+            bbox = bbox.reshape(-1, 4).astype(np.float32)
         image_ids = self.codes([a.image_id for a in items])
         positions = run.first + (np.arange(len(items)) if lines is None else np.array(lines, dtype=np.int64))
         bad = ~(np.isfinite(bbox).all(axis=1) & (bbox[:, 2:] > 0).all(axis=1)) & ~crowd
