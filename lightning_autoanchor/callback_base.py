@@ -22,7 +22,13 @@ from lightning_autoanchor.errors import AutoAnchorError, ConfigError, DataError,
 from lightning_autoanchor.heads import Heads, find_heads, follows_strides, write_all
 from lightning_autoanchor.metrics import DEFAULT_THR, match_cut
 from lightning_autoanchor.refit import AnchorUpdate, refit_anchors
-from lightning_autoanchor.reporting import anchors_yaml, describe_scores, header_comments, write_text_atomic
+from lightning_autoanchor.reporting import (
+    anchors_yaml,
+    describe_scores,
+    header_comments,
+    write_text_atomic,
+    yolo_number,
+)
 from lightning_autoanchor.sources import load_boxes
 from lightning_autoanchor.sources.training import boxes_of
 
@@ -330,6 +336,7 @@ def _report_lines(heads: Heads, update: AnchorUpdate, bpr_threshold: float, resi
                      "kept the current ones")
         return lines
     lines += ["  new anchors:"] + [f"    {line}" for line in describe_scores(after, update.thr, update.metric)]
-    rows = "; ".join(", ".join(f"{w:.0f},{h:.0f}" for w, h in level) for level in update.anchors_after.tolist())
+    rows = "; ".join(", ".join(f"{yolo_number(w)},{yolo_number(h)}" for w, h in level)
+                     for level in update.anchors_after.tolist())
     lines.append(f"  written into {', '.join(heads.names)}: [{rows}] (pixels, per level)")
     return lines

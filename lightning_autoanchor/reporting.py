@@ -30,7 +30,7 @@ def anchors_per_level(anchors: Tensor, levels: int) -> list[Tensor]:
     return list(anchors.reshape(levels, -1, 2))
 
 
-def _yolo_number(value: float) -> str:
+def yolo_number(value: float) -> str:
     """Whole pixels as YOLO configs write anchors; one decimal under 10 px, where whole pixels are too coarse."""
     return f"{value:.0f}" if value >= 10 else f"{value:.1f}"
 
@@ -49,7 +49,7 @@ def anchors_yaml(anchors: Tensor, levels: int, *, strides: Sequence[float] | Non
         raise ConfigError(f"{levels} levels need {levels} strides, got {strides}")
     lines = [f"# {c}" for c in comments] + ["anchors:"]
     for i, (level, stride) in enumerate(zip(anchors_per_level(anchors, levels), strides, strict=True)):
-        pairs = ", ".join(f"{_yolo_number(w)},{_yolo_number(h)}" for w, h in level.tolist())
+        pairs = ", ".join(f"{yolo_number(w)},{yolo_number(h)}" for w, h in level.tolist())
         lines.append(f"  - [{pairs}]  # P{i + 3}/{stride:g}")
     return "\n".join(lines) + "\n"
 
