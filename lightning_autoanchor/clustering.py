@@ -42,20 +42,20 @@ def _check(wh: Tensor, weights: Tensor | None, k: int) -> Tensor:
 
 
 def _plus_plus(x: Tensor, weights: Tensor, k: int, distance: Callable[[Tensor, Tensor], Tensor],
-               generator: torch.Generator) -> Tensor:
-    """k-means++ seeding: each new centre drawn with probability ∝ weight * squared distance."""
-    first = torch.multinomial(weights, 1, generator=generator)
-    centres = [x[first[0]]]
-    nearest = distance(x, centres[0][None])[:, 0]
-    for j in range(1, k):
+               generator: torch.Generator, starts: int = 1) -> Tensor:
+    """k-means++ seeding, ``starts`` times at once: ``(starts, k, 2)`` centres drawn from ``x``.
+
+    Each new centre is drawn with probability ∝ weight * squared distance to the nearest centre so far.
+    With fewer distinct points than centres, the surplus is drawn by weight alone (repeating a point).
+    """
+    picks = [torch.multinomial(weights.expand(starts, -1), 1, generator=generator)[:, 0]]
+    nearest = distance(x, x[picks[0]]).T  # (S, N)
+    for _ in range(k - 1):
         p = weights * nearest.square()
-        if not bool(p.sum() > 0):  # fewer distinct points than centres: repeat the ones found
-            centres.extend(centres[i % j] for i in range(k - j))
-            break
-        i = torch.multinomial(p, 1, generator=generator)[0]
-        centres.append(x[i])
-        nearest = torch.minimum(nearest, distance(x, x[i][None])[:, 0])
-    return torch.stack(centres)
+        p = torch.where(p.sum(dim=1, keepdim=True) > 0, p, weights)
+        picks.append(torch.multinomial(p, 1, generator=generator)[:, 0])
+        nearest = torch.minimum(nearest, distance(x, x[picks[-1]]).T)
+    return x[torch.stack(picks, dim=1)]
 
 
 def _weighted_median(values: Tensor, weights: Tensor) -> Tensor:
@@ -115,17 +115,8 @@ def _kmeans_log_starts(wh: Tensor, k: int, starts: int, *, weights: Tensor | Non
     """``starts`` independent runs of :func:`kmeans_log` in one batch: ``(starts, k, 2)`` pixels."""
     weights = _check(wh, weights, k)
     x = wh.log()
-    rows = torch.arange(starts, device=x.device)
-    picks = [torch.multinomial(weights.expand(starts, -1), 1, generator=generator)[:, 0]]
-    nearest = (x - x[picks[0], None]).square().sum(dim=2)  # (S, B)
-    for _ in range(k - 1):
-        p = weights * nearest
-        # Fewer distinct points than centres: draw by weight alone (lands on a point already taken).
-        p = torch.where(p.sum(dim=1, keepdim=True) > 0, p, weights)
-        picks.append(torch.multinomial(p, 1, generator=generator)[:, 0])
-        nearest = torch.minimum(nearest, (x - x[picks[-1], None]).square().sum(dim=2))
-    centres = x[torch.stack(picks, dim=1)]  # (S, k, 2)
-    flat = rows[:, None] * k
+    centres = _plus_plus(x, weights, k, _euclidean, generator, starts)  # (S, k, 2)
+    flat = torch.arange(starts, device=x.device)[:, None] * k
     assign = None
     for _ in range(max_iter):
         new_assign = (x[None, :, None, :] - centres[:, None, :, :]).square().sum(dim=3).argmin(dim=2)  # (S, B)
@@ -152,7 +143,7 @@ def kmeans_iou(wh: Tensor, k: int, *, weights: Tensor | None = None, update: Lit
     weights = _check(wh, weights, k)
     if update not in ("mean", "median"):
         raise AnchorFitError(f"update must be 'mean' or 'median', got {update!r}")
-    centres = _plus_plus(wh, weights, k, _one_minus_iou, generator)
+    centres = _plus_plus(wh, weights, k, _one_minus_iou, generator)[0]
     centres, _ = _lloyd(wh, weights, centres, _one_minus_iou, update, max_iter)
     return centres
 
