@@ -38,6 +38,7 @@ def _common(parser: ArgumentParser) -> None:
     parser.add_argument("--strict", action="store_true", help="refuse bad annotations instead of skipping them")
     parser.add_argument("--list-small", action="store_true", help="list the images with boxes under 3 px")
     parser.add_argument("--device", type=str, default="cpu", help="torch device for the per-box work, e.g. cuda")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (they show only on a terminal)")
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
 
 
@@ -63,7 +64,6 @@ def build_parser() -> ArgumentParser:
                          help="k-means for the starting anchors (default log)")
     compute.add_argument("--out", type=str | None, default=None, help="write the anchors as YOLO config YAML here")
     compute.add_argument("--plot", type=str | None, default=None, help="save a plot of boxes and anchors (PNG)")
-    compute.add_argument("--progress", action="store_true", help="show progress bars on a terminal")
     commands.add_subcommand("compute", compute, help="fit new anchors to a dataset")
     return parser
 
@@ -91,7 +91,7 @@ def _load(args: Namespace) -> tuple[Any, Any, int]:
     from lightning_autoanchor.optimizer import prepare_boxes
     from lightning_autoanchor.sources import load_boxes
 
-    box_set = load_boxes(args.data, split=args.split, strict=args.strict, progress=getattr(args, "progress", False))
+    box_set = load_boxes(args.data, split=args.split, strict=args.strict, progress=not args.quiet)
     if len(box_set) == 0:
         raise ConfigError(f"{args.data}: no boxes to work with")
     try:
@@ -174,7 +174,7 @@ def run_compute(args: Namespace) -> dict[str, Any]:
         raise ConfigError(f"--n {args.n} anchors cannot be split evenly over --levels {args.levels}")
     box_set, wh, dropped = _load(args)
     result = fit_anchors(wh, args.n, thr=args.thr, metric=args.metric, generations=args.generations,
-                         seed=args.seed, init=args.init, progress=args.progress)
+                         seed=args.seed, init=args.init, progress=not args.quiet)
     out = {**result.as_dict(), **_data_summary(args, box_set, dropped)}
     out["anchors"] = result.anchors.tolist()
     text = anchors_yaml(result.anchors, args.levels,
