@@ -259,7 +259,11 @@ class AutoAnchorBase:
         text = anchors_yaml(update.anchors_after.reshape(-1, 2), levels, strides=strides.tolist(),
                             comments=header_comments(update.source, update.img_size, self.resize, update.metric,
                                                      update.thr, update.after, update.seed))
-        saved = [f"anchors YAML: {write_text_atomic(folder / YAML_NAME, text)}"]
+        try:
+            saved = [f"anchors YAML: {write_text_atomic(folder / YAML_NAME, text)}"]
+        except OSError as err:  # the anchors are in the model already: a file that cannot be written only warns
+            self._warn(f"AutoAnchor: cannot write {folder / YAML_NAME}: {err}")
+            saved = []
         if self.plot and self._boxes is not None:
             saved.extend(self._save_plot(folder, update))
         self._info("\n".join(_report_lines(heads, update, self.bpr_threshold, self.resize) + saved))
@@ -275,6 +279,9 @@ class AutoAnchorBase:
             return [f"plot: {path}"]
         except ConfigError as err:  # matplotlib missing
             return [f"(no plot: {err})"]
+        except Exception as err:  # a plot never stops training
+            self._warn(f"AutoAnchor: could not save the plot: {err!r}")
+            return []
 
     def _report_resumed(self, trainer: Any, pl_module: nn.Module) -> None:
         update = self.update

@@ -5,6 +5,7 @@ All anchors here are ``(K, 2)`` widths and heights in pixels at the training siz
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -35,6 +36,12 @@ def yolo_number(value: float) -> str:
     return f"{value:.0f}" if value >= 10 else f"{value:.1f}"
 
 
+def _level_name(index: int, stride: float) -> str:
+    """``P3/8`` for stride 8 (the level's downsampling power of two), else ``level 0/12``."""
+    power = math.log2(stride) if stride > 0 else 0.5
+    return f"P{int(power)}/{stride:g}" if power == int(power) else f"level {index}/{stride:g}"
+
+
 def anchors_yaml(anchors: Tensor, levels: int, *, strides: Sequence[float] | None = None,
                  comments: Sequence[str] = ()) -> str:
     """The ``anchors:`` block of a YOLO model config, one row per level, with ``comments`` on top.
@@ -50,7 +57,7 @@ def anchors_yaml(anchors: Tensor, levels: int, *, strides: Sequence[float] | Non
     lines = [f"# {c}" for c in comments] + ["anchors:"]
     for i, (level, stride) in enumerate(zip(anchors_per_level(anchors, levels), strides, strict=True)):
         pairs = ", ".join(f"{yolo_number(w)},{yolo_number(h)}" for w, h in level.tolist())
-        lines.append(f"  - [{pairs}]  # P{i + 3}/{stride:g}")
+        lines.append(f"  - [{pairs}]  # {_level_name(i, stride)}")
     return "\n".join(lines) + "\n"
 
 

@@ -465,3 +465,11 @@ def test_level_order_check() -> None:
     torch.testing.assert_close(laid_out[1], anchors[:2])  # small anchors on the stride-8 level
     assert follows_strides(laid_out, strides)
     assert not follows_strides(laid_out.flip(0), strides)
+
+
+def test_an_unwritable_save_dir_only_warns(tmp_path: Path) -> None:
+    model, callback = TinyYolo(width=4), AutoAnchor(img_size=IMG, save_dir="/proc/no-such-dir")
+    run = trainer(tmp_path, callback)
+    with pytest.warns(UserWarning, match="cannot write /proc/no-such-dir/autoanchor.yaml"):
+        run.fit(model, CountingData())
+    assert run.state.finished and callback.update is not None and callback.update.replaced

@@ -31,7 +31,8 @@ def test_yaml_is_a_yolo_anchors_block() -> None:
 
 def test_yaml_names_levels_by_the_given_strides() -> None:
     text = anchors_yaml(ANCHORS[:6], 2, strides=[16, 64])
-    assert "# P3/16" in text and "# P4/64" in text
+    assert "# P4/16" in text and "# P6/64" in text
+    assert "# level 1/12" in anchors_yaml(ANCHORS[:6], 2, strides=[6, 12])
     with pytest.raises(ConfigError, match="split evenly"):
         anchors_yaml(ANCHORS, 2)
     with pytest.raises(ConfigError, match="strides"):
