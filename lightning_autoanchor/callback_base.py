@@ -301,9 +301,10 @@ class AutoAnchorBase:
 
 
 def _device_of(module: nn.Module) -> torch.device:
-    """Where the model is: the box work of the check and fit runs there too."""
+    """The model's CUDA device, where the per-box work of the check and fit runs too; else the CPU
+    (the scores are summed in float64, which not every accelerator has)."""
     tensor = next(module.parameters(), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
+    return tensor.device if tensor is not None and tensor.device.type == "cuda" else torch.device("cpu")
 
 
 def _parameters(heads: Heads) -> list[tuple[str, nn.Parameter]]:
