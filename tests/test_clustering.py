@@ -87,8 +87,8 @@ def test_yolov2_table_k5(voc2007: BoxSet) -> None:
 
     (A long search, ``fit_anchors`` with 32 starts and 20,000 mutants over 4 seeds, and the default
     optimiser over seeds 0-4 top out at 0.6062-0.6063.) These 15,662 boxes include the 3,054 objects
-    marked *difficult*, which the paper's count does not. So darknet's k-means must come within 0.002
-    of that bound, and the optimiser within 0.0005.
+    marked *difficult*, which darknet's ``voc_label.py`` (the labels YOLOv2 used) leaves out. So
+    darknet's k-means must come within 0.002 of that bound, and the optimiser within 0.0005.
     """
     wh = normalised(voc2007)
     for seed in range(3):
