@@ -209,11 +209,11 @@ class AutoAnchorBase:
     def _find_boxes(self, trainer: Any) -> BoxSet:
         if self.annotations:
             return load_boxes(self.annotations, split=self.split, strict=self.strict)
-        for source in (trainer.datamodule, _train_dataset(trainer)):
-            if source is not None:
-                boxes = boxes_of(source)
-                if boxes is not None:
-                    return boxes
+        for source in (lambda: trainer.datamodule, lambda: _train_dataset(trainer)):  # the dataset only if needed
+            found = source()
+            boxes = boxes_of(found) if found is not None else None
+            if boxes is not None:
+                return boxes
         raise DataError("AutoAnchor found no training boxes: it looked for AutoAnchor(annotations=...), a datamodule "
                         "method autoanchor_boxes(), and a train dataset with autoanchor_boxes() or YOLOv5-style "
                         "'shapes' and 'labels' attributes. Add one of these (see the README).")
