@@ -7,19 +7,24 @@ that image, so it can be resized the way the training pipeline resizes images:
     each image is scaled so that its longer side equals ``img_size``; aspect ratios are kept.
 ``"stretch"`` (darknet YOLOv2/v3, torchvision-style square resize)
     each image side is scaled to ``img_size``; with ``img_size=1`` boxes are normalised by image size.
+
+A :class:`BoxSet` holds NumPy arrays and this module loads torch only when a function returns a
+tensor, so the readers, which build box sets, run in processes that never import torch (the CLI
+reads in one while its main process imports torch).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from lightning_autoanchor.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 Resize = Literal["letterbox", "stretch"]
 
@@ -144,6 +149,8 @@ class BoxSet:
         Returns:
             ``(N, 2)`` float32 tensor of widths and heights in pixels at ``img_size``.
         """
+        import torch
+
         factors = self.image_scales(img_size, resize)
         if scale_jitter:
             if not 0.0 <= scale_jitter < 1.0:
@@ -155,7 +162,7 @@ class BoxSet:
     def small_boxes(self, img_size: float, resize: Resize = "letterbox",
                     min_side: float = SMALL_BOX_SIZE) -> SmallBoxes:
         """Which boxes are under ``min_side`` pixels on either side at the training size."""
-        wh = self.scaled(img_size, resize).numpy()
+        wh = (self.wh * self.image_scales(img_size, resize)[self.image_index]).astype(np.float32)
         small = (wh < min_side).any(axis=1)
         tiny = (wh < MIN_FIT_SIZE).all(axis=1)
         images = np.unique(self.image_index[small])
@@ -215,6 +222,8 @@ def log_bins(wh: Tensor, bin_width: float, weights: Tensor | None = None) -> tup
         ``points``: ``(B, 2)`` float32 mean log sizes of the occupied cells;
         ``weights``: ``(B,)`` float32 total weight in each.
     """
+    import torch
+
     log_wh = wh.to(torch.float32).log()
     cell = torch.floor(log_wh / bin_width).to(torch.int64)
     cell -= cell.amin(dim=0)
