@@ -1,6 +1,6 @@
 """Per-file work of the folder readers (YOLO labels, images, VOC XML), run in worker processes.
 
-This module imports neither torch nor the rest of the package, so worker processes start fast.
+This module imports neither torch nor the package's heavy modules, so worker processes start fast.
 Every function returns plain data and a list of problems ``(kind, where, message)`` instead of
 raising, so one bad file never stops the read.
 """
@@ -8,16 +8,17 @@ raising, so one bad file never stops the read.
 from __future__ import annotations
 
 import os
-import threading
 import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from multiprocessing import get_all_start_methods, get_context
+from multiprocessing import get_context
 from typing import Any, TypeVar
 
 import numpy as np
+
+from lightning_autoanchor._forked import can_fork
 
 Problem = tuple[str, str, str]
 T = TypeVar("T")
@@ -187,28 +188,18 @@ def _run_chunk(func: Callable[..., R], args: Sequence[tuple[Any, ...]]) -> list[
     return [func(*a) for a in args]
 
 
-def _can_fork() -> bool:
-    """Whether worker processes can be forked safely: ``fork`` exists and no other Python thread runs.
-
-    Forked workers start at once and never re-import ``__main__`` (as spawned ones do, re-running a
-    script without an ``if __name__ == "__main__"`` guard); forking a process that runs other threads
-    can deadlock, so then the files are read in this process.
-    """
-    return "fork" in get_all_start_methods() and threading.active_count() == 1
-
-
 def map_files(func: Callable[..., R], args: Sequence[tuple[Any, ...]], *, workers: int | None = None) -> Iterator[R]:
     """``func(*a)`` for every ``a`` in ``args``, in order; in forked worker processes for large inputs.
 
     ``workers=None`` uses every core (at most 8) when there are at least 2,000 files, else this
     process; an explicit ``workers`` count is used as given. Where workers cannot be forked safely
-    (see :func:`_can_fork`) or the pool breaks, the files are read in this process.
+    (see :func:`~lightning_autoanchor._forked.can_fork`) or the pool breaks, the files are read in this process.
     """
     if workers is None:
         n_workers = min(os.cpu_count() or 1, 8) if len(args) >= _PARALLEL_MIN_FILES else 1
     else:
         n_workers = max(1, workers)
-    if n_workers > 1 and _can_fork():
+    if n_workers > 1 and can_fork():
         size = min(_TASK_SIZE, -(-len(args) // n_workers))
         chunks = [args[i:i + size] for i in range(0, len(args), size)]
         done = 0
