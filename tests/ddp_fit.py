@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
+import torch
 
 from lightning_autoanchor import AutoAnchor, BoxSet
 from lightning_autoanchor.demo import RenderedBoxesDataModule, TinyYolo
@@ -48,6 +49,8 @@ def main(out: Path, mode: str) -> None:
     anchors = (model.head.anchors * model.head.stride.view(-1, 1, 1)).tolist()
     (out / f"rank{rank}.json").write_text(json.dumps({"anchors": anchors, "box_reads": data.box_reads,
                                                       "error": error}))
+    if torch.distributed.is_initialized():  # else gloo's threads may abort the process as it exits (SIGABRT)
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
