@@ -96,8 +96,9 @@ class ForkedCall(Generic[R]):
             return self._receive.recv()
         except EOFError:
             process.join()
-            return "error", (ChildProcessError(f"the child process ended without a result (exit status "
-                                               f"{process.exitcode})"), "")
+            code = process.exitcode
+            how = f"was killed by signal {-code}" if code < 0 else f"ended with exit status {code}"
+            return "error", (ChildProcessError(f"the child process {how} before it sent a result"), "")
         finally:
             self._receive.close()
             process.join()

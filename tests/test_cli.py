@@ -6,13 +6,16 @@ console script), and its output is checked against the library called in this pr
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -266,3 +269,76 @@ def test_bad_arguments_are_usage_errors(bad_runs: dict, key: str) -> None:
     assert "Traceback (most recent call last)" not in proc.stderr
     assert "error:" in proc.stderr and "usage:" in proc.stderr
     assert proc.stdout == ""
+
+
+def test_readers_never_import_torch() -> None:
+    """The CLI reads in a child forked before torch loads; the readers must not load it there."""
+    code = ("import sys\nfrom lightning_autoanchor.sources import load_boxes\n"
+            f"boxes = load_boxes({str(DEMO)!r})\nboxes.small_boxes(640)\n"
+            "print(len(boxes), 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["7179", "False"]
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+@pytest.fixture(scope="module")
+def big_coco(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo slice with every annotation repeated 60 times (430k boxes): reading it takes a while."""
+    with gzip.open(DEMO, "rt") as f:
+        data = json.load(f)
+    data["annotations"] = [{**a, "id": i} for i, a in enumerate(data["annotations"] * 60)]
+    path = tmp_path_factory.mktemp("big") / "big.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def start_reading(path: Path) -> tuple[subprocess.Popen[str], int]:
+    """Start ``compute PATH --json`` in a new session; return it and the child that reads (once it runs)."""
+    proc = subprocess.Popen([sys.executable, "-m", "lightning_autoanchor.cli", "compute", str(path), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not (reader := children(proc.pid)) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    if not reader:
+        proc.kill()
+        pytest.fail(f"the command read the annotations without a child process:\n{proc.communicate()[1]}")
+    return proc, reader[0]
+
+
+def gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc to find the child")
+
+
+@needs_proc
+def test_ctrl_c_while_the_child_reads(big_coco: Path) -> None:
+    """Ctrl-C (SIGINT to the process group) while the reading child runs: one line, status 130, no child left."""
+    proc, reader = start_reading(big_coco)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert (proc.returncode, stdout, stderr) == (130, "", f"{PROG}: interrupted\n")
+    assert gone(reader)
+
+
+@needs_proc
+def test_reading_child_killed(big_coco: Path) -> None:
+    """The reading child killed (as the kernel does when memory runs out): one error line naming the file."""
+    proc, reader = start_reading(big_coco)
+    os.kill(reader, signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert (proc.returncode, stdout) == (1, "")
+    assert stderr == f"{PROG}: error: {big_coco}: cannot be read: the child process was killed by signal 9 " \
+                     "before it sent a result\n"

@@ -94,7 +94,7 @@ def test_unpicklable_result_becomes_an_error() -> None:
 
 
 def test_child_that_dies_is_reported() -> None:
-    with ForkedCall(die) as call, pytest.raises(ChildProcessError, match="exit status 3"):
+    with ForkedCall(die) as call, pytest.raises(ChildProcessError, match="ended with exit status 3 before"):
         call.result()
 
 
