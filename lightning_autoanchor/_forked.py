@@ -7,6 +7,7 @@ The command line tool reads the annotations this way while its main process impo
 
 from __future__ import annotations
 
+import signal
 import threading
 import traceback
 from collections.abc import Callable
@@ -31,9 +32,11 @@ class ChildTraceback(Exception):
     """The traceback of an exception raised in a forked child, attached as the ``__cause__`` of its copy."""
 
 
-def _call_and_send(send: Any, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+def _call_and_send(send: Any, signal_mask: set[signal.Signals], func: Callable[..., Any], args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> None:
     """Child side: send ``("value", result)`` or ``("error", (exception, traceback text))`` through ``send``."""
     try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, signal_mask)  # a Ctrl-C held over the fork is raised here
         message: tuple[str, Any] = ("value", func(*args, **kwargs))
     except BaseException as err:  # every failure, Ctrl-C included, goes back to the parent
         message = ("error", (err, traceback.format_exc()))
@@ -64,9 +67,16 @@ class ForkedCall(Generic[R]):
         if fork and can_fork():
             ctx = get_context("fork")
             self._receive, send = ctx.Pipe(duplex=False)
-            self._process = ctx.Process(target=_call_and_send, args=(send, func, args, kwargs), daemon=True)
-            self._process.start()
-            send.close()
+            # Ctrl-C is held while forking: delivered in the fork handlers (logging's, for one), Python
+            # would ignore it there, in either process, and could leave a lock held in the child.
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                process = ctx.Process(target=_call_and_send, args=(send, mask, func, args, kwargs), daemon=True)
+                process.start()
+                self._process = process
+            finally:
+                send.close()
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     @property
     def forked(self) -> bool:
