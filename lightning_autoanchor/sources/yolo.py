@@ -32,6 +32,7 @@ IMAGE_SUFFIXES = (".bmp", ".dng", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tif
 CACHE_VERSION = 1
 
 FileStat = tuple[int, int]  # mtime_ns, size
+_IMAGES_DIR, _LABELS_DIR = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
 
 
 def _walk(root: str, suffixes: tuple[str, ...], stats: dict[str, FileStat] | None = None) -> list[str]:
@@ -62,10 +63,8 @@ def _stat(path: str) -> FileStat:
 
 def label_path(image_path: str) -> str:
     """The label file of an image, as Ultralytics finds it."""
-    images, labels = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
-    if images in image_path:
-        image_path = labels.join(image_path.rsplit(images, 1))
-    return os.path.splitext(image_path)[0] + ".txt"
+    head, images, tail = image_path.rpartition(_IMAGES_DIR)
+    return os.path.splitext(head + _LABELS_DIR + tail if images else image_path)[0] + ".txt"
 
 
 def _split_images(yaml_path: Path, split: str, stats: dict[str, FileStat]) -> list[str]:
@@ -133,12 +132,14 @@ def _cache_file(source: Path, split: str, key: str) -> Path:
 
 def _cache_key(pairs: list[tuple[str, str | None]], stats: dict[str, FileStat]) -> str:
     """Hash of every label and image path with its modification time and size."""
-    def stat(p: str) -> FileStat:
-        return stats.get(p) or _stat(p)
-
+    labels = [label for label, _ in pairs]
+    images = [image or "" for _, image in pairs]
+    times_and_sizes = np.array([stats.get(p) or _stat(p) for p in labels]
+                               + [(stats.get(p) or _stat(p)) if p else (-2, -2) for p in images], dtype=np.int64)
     h = hashlib.sha1(f"v{CACHE_VERSION}".encode())
-    h.update("\n".join(f"{label}\0{stat(label)}\0{image}\0{stat(image) if image else ''}"
-                        for label, image in pairs).encode("utf-8", "surrogateescape"))
+    for paths in (labels, images):
+        h.update("\n".join(paths).encode("utf-8", "surrogateescape") + b"\0")
+    h.update(times_and_sizes.tobytes())
     return h.hexdigest()
 
 
