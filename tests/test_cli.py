@@ -299,11 +299,16 @@ def big_coco(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def default_sigint() -> None:
+    """As on a terminal: tests may run with SIGINT ignored (a shell's background job), which a child would inherit."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_reading(path: Path) -> tuple[subprocess.Popen[str], int]:
     """Start ``compute PATH --json`` in a new session; return it and the child that reads (once it runs)."""
     proc = subprocess.Popen([sys.executable, "-m", "lightning_autoanchor.cli", "compute", str(path), "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=default_sigint)
     deadline = time.monotonic() + 60
     while not (reader := children(proc.pid)) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)

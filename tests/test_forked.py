@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,15 @@ def touch_then_sleep(path: Path, seconds: float) -> None:
     time.sleep(seconds)
 
 
+@pytest.fixture
+def ctrl_c_raises() -> Iterator[None]:
+    """Python's own SIGINT handler, as on a terminal (tests may run with SIGINT ignored, as a background job)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("ctrl_c_raises")
 def test_ctrl_c_in_the_child_is_raised_here(tmp_path: Path) -> None:
     started = tmp_path / "started"
     with ForkedCall(touch_then_sleep, started, 60) as call:
