@@ -389,6 +389,23 @@ def test_parallel_reads_match_serial(tmp_path: Path) -> None:
         assert serial.skipped == ({"bad_line": 3} if read is read_yolo else {"unreadable_file": 1})
 
 
+def test_file_stats_in_workers_match_serial(tmp_path: Path) -> None:
+    """The cache key's look at every file: the same times and sizes from worker processes, -1 for a missing file."""
+    from lightning_autoanchor.sources.yolo import _file_stats
+
+    paths = []
+    for i in range(25):  # 25 files of distinct sizes, listed 1,000 times: 3 tasks of 10,000 paths
+        path = tmp_path / f"{i}.txt"
+        path.write_text("x" * i)
+        paths.append(str(path))
+    paths = paths * 1_000 + [str(tmp_path / "missing.txt")]
+    serial, parallel = _file_stats(paths, workers=1), _file_stats(paths, workers=2)
+    assert serial.shape == (25_001, 2) and serial.dtype == np.int64
+    np.testing.assert_array_equal(serial, parallel)
+    assert serial[:25, 1].tolist() == list(range(25)) and serial[-1].tolist() == [-1, -1]
+    assert serial[:25, 0].tolist() == [os.stat(p).st_mtime_ns for p in paths[:25]]
+
+
 @pytest.mark.parametrize("how", ["stdin", "script without a main guard"])
 def test_parallel_reads_never_rerun_the_callers_script(how: str, tmp_path: Path) -> None:
     """Worker processes are forked: a script fed on stdin, or one without ``if __name__ == "__main__"``,

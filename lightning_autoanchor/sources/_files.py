@@ -184,6 +184,18 @@ def read_voc_xml(xml_path: str, images_dir: str | None) -> tuple[tuple[float, fl
     return size, name, np.asarray(boxes, dtype=np.float64).reshape(-1, 2), problems
 
 
+def file_stats(paths: Sequence[str]) -> list[tuple[int, int]]:
+    """``(modification time in ns, size in bytes)`` of each file; ``(-1, -1)`` where it cannot be looked at."""
+    stats = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+            stats.append((st.st_mtime_ns, st.st_size))
+        except OSError:
+            stats.append((-1, -1))
+    return stats
+
+
 def _run_chunk(func: Callable[..., R], args: Sequence[tuple[Any, ...]]) -> list[R]:
     return [func(*a) for a in args]
 

@@ -24,20 +24,20 @@ import yaml
 from lightning_autoanchor.boxes import BoxSet
 from lightning_autoanchor.errors import DataError
 from lightning_autoanchor.progress import progress_bar
-from lightning_autoanchor.sources._files import map_files, read_yolo_label
+from lightning_autoanchor.sources._files import file_stats, map_files, read_yolo_label
 from lightning_autoanchor.sources._geometry import clip_to_image
 from lightning_autoanchor.sources._log import ReadLog
 
 IMAGE_SUFFIXES = (".bmp", ".dng", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp", ".pfm")
 CACHE_VERSION = 1
 
-FileStat = tuple[int, int]  # mtime_ns, size
+_STAT_TASK_SIZE = 10_000
+_PARALLEL_MIN_STATS = 50_000
 _IMAGES_DIR, _LABELS_DIR = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
 
 
-def _walk(root: str, suffixes: tuple[str, ...], stats: dict[str, FileStat] | None = None) -> list[str]:
-    """Files under ``root`` (recursively) whose name ends in one of ``suffixes``, sorted; their stats go
-    into ``stats`` (for the cache key, so no file is looked at twice)."""
+def _walk(root: str, suffixes: tuple[str, ...]) -> list[str]:
+    """Files under ``root`` (recursively) whose name ends in one of ``suffixes``, sorted."""
     found: list[str] = []
     stack = [root]
     while stack:
@@ -47,18 +47,7 @@ def _walk(root: str, suffixes: tuple[str, ...], stats: dict[str, FileStat] | Non
                     stack.append(entry.path)
                 elif entry.name.lower().endswith(suffixes):
                     found.append(entry.path)
-                    if stats is not None:
-                        st = entry.stat()
-                        stats[entry.path] = (st.st_mtime_ns, st.st_size)
     return sorted(found)
-
-
-def _stat(path: str) -> FileStat:
-    try:
-        st = os.stat(path)
-        return st.st_mtime_ns, st.st_size
-    except OSError:
-        return -1, -1
 
 
 def label_path(image_path: str) -> str:
@@ -67,7 +56,7 @@ def label_path(image_path: str) -> str:
     return os.path.splitext(head + _LABELS_DIR + tail if images else image_path)[0] + ".txt"
 
 
-def _split_images(yaml_path: Path, split: str, stats: dict[str, FileStat]) -> list[str]:
+def _split_images(yaml_path: Path, split: str) -> list[str]:
     """Image paths of ``split`` in an Ultralytics dataset YAML."""
     try:
         config = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
@@ -87,7 +76,7 @@ def _split_images(yaml_path: Path, split: str, stats: dict[str, FileStat]) -> li
     for entry in entries:
         where = root / str(entry)
         if where.is_dir():
-            images.extend(_walk(str(where), IMAGE_SUFFIXES, stats))
+            images.extend(_walk(str(where), IMAGE_SUFFIXES))
         elif where.is_file() and where.suffix == ".txt":
             for line in where.read_text(encoding="utf-8", errors="replace").splitlines():
                 line = line.strip()
@@ -101,10 +90,10 @@ def _split_images(yaml_path: Path, split: str, stats: dict[str, FileStat]) -> li
     return images
 
 
-def _label_folder_pairs(labels_dir: Path, stats: dict[str, FileStat]) -> list[tuple[str, str | None]]:
+def _label_folder_pairs(labels_dir: Path) -> list[tuple[str, str | None]]:
     """(label file, image file) pairs of a folder of label files; images are looked up by name in the
     mirrored ``images`` folder and beside the labels."""
-    labels = [p for p in _walk(str(labels_dir), (".txt",), stats) if os.path.basename(p) != "classes.txt"]
+    labels = [p for p in _walk(str(labels_dir), (".txt",)) if os.path.basename(p) != "classes.txt"]
     if not labels:
         raise DataError(f"{labels_dir}: no .txt label files found")
     search = [str(labels_dir)]
@@ -115,7 +104,7 @@ def _label_folder_pairs(labels_dir: Path, stats: dict[str, FileStat]) -> list[tu
     stems: dict[str, str] = {}
     for folder in reversed(search):
         if os.path.isdir(folder):
-            for p in _walk(folder, IMAGE_SUFFIXES, stats):
+            for p in _walk(folder, IMAGE_SUFFIXES):
                 stems[os.path.splitext(os.path.relpath(p, folder))[0]] = p
     return [(lb, stems.get(os.path.splitext(os.path.relpath(lb, labels_dir))[0])) for lb in labels]
 
@@ -130,17 +119,25 @@ def _cache_file(source: Path, split: str, key: str) -> Path:
     return base / f"{hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:16]}-{name[1:]}"
 
 
-def _cache_key(pairs: list[tuple[str, str | None]], stats: dict[str, FileStat]) -> str:
+def _cache_key(pairs: list[tuple[str, str | None]]) -> str:
     """Hash of every label and image path with its modification time and size."""
     labels = [label for label, _ in pairs]
     images = [image or "" for _, image in pairs]
-    times_and_sizes = np.array([stats.get(p) or _stat(p) for p in labels]
-                               + [(stats.get(p) or _stat(p)) if p else (-2, -2) for p in images], dtype=np.int64)
     h = hashlib.sha1(f"v{CACHE_VERSION}".encode())
     for paths in (labels, images):
         h.update("\n".join(paths).encode("utf-8", "surrogateescape") + b"\0")
-    h.update(times_and_sizes.tobytes())
+    h.update(_file_stats(labels + [image for image in images if image]).tobytes())
     return h.hexdigest()
+
+
+def _file_stats(paths: list[str], workers: int | None = None) -> np.ndarray:
+    """``(len(paths), 2)`` int64 modification times (ns) and sizes, ``-1`` where a file cannot be looked
+    at; in forked worker processes for 50,000 files or more (each look costs microseconds in the kernel)."""
+    chunks = [(paths[i:i + _STAT_TASK_SIZE],) for i in range(0, len(paths), _STAT_TASK_SIZE)]
+    if workers is None:
+        workers = min(os.cpu_count() or 1, 8) if len(paths) >= _PARALLEL_MIN_STATS else 1
+    stats = [st for chunk in map_files(file_stats, chunks, workers=workers) for st in chunk]
+    return np.array(stats, dtype=np.int64).reshape(-1, 2)
 
 
 def _load_cache(path: Path, key: str) -> dict | None:
@@ -179,19 +176,18 @@ def read_yolo(path: str | Path, *, split: str = "train", strict: bool = False, c
         progress: show a progress bar on a terminal.
     """
     path = Path(path)
-    stats: dict[str, FileStat] = {}
     if path.suffix.lower() in (".yaml", ".yml"):
-        pairs = [(label_path(im), im) for im in _split_images(path, split, stats)]
+        pairs = [(label_path(im), im) for im in _split_images(path, split)]
         if not pairs:
             raise DataError(f"{path}: the '{split}' split lists no images")
     elif path.is_dir():  # a dataset folder holding labels/ (and images/) stands for all its labels
         nested = path / "labels"
-        pairs = _label_folder_pairs(nested if nested.is_dir() and path.name != "labels" else path, stats)
+        pairs = _label_folder_pairs(nested if nested.is_dir() and path.name != "labels" else path)
         split = "labels"
     else:
         raise DataError(f"{path}: not a dataset YAML nor a folder of YOLO label files")
     log = ReadLog(str(path), strict)
-    key = _cache_key(pairs, stats)
+    key = _cache_key(pairs)
     cache_path = _cache_file(path, split, key)
     cached = _load_cache(cache_path, key) if cache and not strict else None
     if cached is None:
