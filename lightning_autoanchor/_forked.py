@@ -71,7 +71,7 @@ class ForkedCall(Generic[R]):
             # would ignore it there, in either process, and could leave a lock held in the child.
             mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             try:
-                process = ctx.Process(target=_call_and_send, args=(send, mask, func, args, kwargs), daemon=True)
+                process = ctx.Process(target=_call_and_send, args=(send, mask, func, args, kwargs))
                 process.start()
                 self._process = process
             finally:

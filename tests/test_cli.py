@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import io
 import itertools
 import json
 import os
@@ -347,3 +348,22 @@ def test_reading_child_killed(big_coco: Path) -> None:
     assert (proc.returncode, stdout) == (1, "")
     assert stderr == f"{PROG}: error: {big_coco}: cannot be read: the child process was killed by signal 9 " \
                      "before it sent a result\n"
+
+
+def test_large_yolo_folder_read_by_workers_in_the_child(tmp_path: Path) -> None:
+    """2,000 label files: the reading child starts worker processes of its own (a daemon child could not)."""
+    from PIL import Image
+
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    jpeg = io.BytesIO()
+    Image.new("L", (640, 480), 114).save(jpeg, "JPEG")
+    for i in range(2_000):
+        (images / f"{i:04d}.jpg").write_bytes(jpeg.getvalue())
+        w, h = 0.02 + (i % 40) / 50, 0.03 + (i % 23) / 30
+        (labels / f"{i:04d}.txt").write_text(f"0 0.5 0.5 {w:.4f} {h:.4f}\n")
+    out = json_out(cli("check", tmp_path, "--anchors", ANCHORS, "--json", "--quiet"))
+    assert out["n_images"] == 2_000 and out["n_boxes_read"] == 2_000 and out["skipped"] == {}
+    wh = prepare_boxes(load_boxes(tmp_path).scaled(640))[0]
+    assert_scores(out, wh, anchor_tensor(ANCHORS), 4.0, "ratio")

@@ -9,6 +9,8 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import pytest
@@ -60,6 +62,18 @@ def test_value_comes_from_a_child_process() -> None:
         pid, value = call.result()
     assert pid != os.getpid()
     assert value == {"boxes": [1.5, 2.0]}
+
+
+def squares_in_workers(n: int) -> list[int]:
+    with ProcessPoolExecutor(2, mp_context=get_context("fork")) as pool:
+        return list(pool.map(pow, range(n), [2] * n))
+
+
+def test_the_child_may_start_processes_of_its_own() -> None:
+    """As the folder readers do, with worker processes, in the child the CLI reads in."""
+    with ForkedCall(squares_in_workers, 5) as call:
+        assert call.forked
+        assert call.result() == [0, 1, 4, 9, 16]
 
 
 def test_result_is_computed_once() -> None:
