@@ -1207,3 +1207,20 @@ def test_stream_large_string_cut_by_a_block(tmp_path: Path) -> None:
     got = stream(raw, 2 << 20, keys=("annotations",))["annotations"]
     assert [item["id"] for _, item, _ in got] == [1, 2, 3]
     assert got[1][1]["segmentation"]["counts"] == big
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["pipe", "terminal"])
+def test_progress_bar_starts_no_thread(terminal: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader's progress bar leaves the process single-threaded, so its workers can still be forked."""
+    import pty
+    import threading
+
+    from lightning_autoanchor.progress import progress_bar
+
+    leader, follower = pty.openpty()
+    with os.fdopen(follower, "w") if terminal else open(os.devnull, "w") as stderr:
+        monkeypatch.setattr(sys, "stderr", stderr)
+        before = threading.active_count()
+        assert list(progress_bar(range(500), desc="Reading labels", enabled=True, total=500)) == list(range(500))
+        assert threading.active_count() == before
+    os.close(leader)
