@@ -1211,16 +1211,27 @@ def test_stream_large_string_cut_by_a_block(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("terminal", [False, True], ids=["pipe", "terminal"])
 def test_progress_bar_starts_no_thread(terminal: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A reader's progress bar leaves the process single-threaded, so its workers can still be forked."""
+    """A reader's bar is drawn on a terminal only, and leaves the process single-threaded (so its workers can
+    still be forked)."""
+    import fcntl
     import pty
+    import termios
     import threading
 
     from lightning_autoanchor.progress import progress_bar
 
     leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # a terminal of 80 columns
     with os.fdopen(follower, "w") if terminal else open(os.devnull, "w") as stderr:
         monkeypatch.setattr(sys, "stderr", stderr)
         before = threading.active_count()
         assert list(progress_bar(range(500), desc="Reading labels", enabled=True, total=500)) == list(range(500))
         assert threading.active_count() == before
+        stderr.flush()
+        os.set_blocking(leader, False)
+        try:
+            drawn = os.read(leader, 65536).decode()
+        except BlockingIOError:
+            drawn = ""
     os.close(leader)
+    assert ("Reading labels:   0%" in drawn) == terminal
