@@ -73,20 +73,24 @@ class ForkedCall(Generic[R]):
             try:
                 process = ctx.Process(target=_call_and_send, args=(send, mask, func, args, kwargs))
                 process.start()
+            except OSError:  # no child to be had (e.g. memory): the call runs here
+                self._receive.close()
+            else:
                 self._process = process
             finally:
                 send.close()
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        self._forked = self._process is not None
 
     @property
     def forked(self) -> bool:
-        """Whether the call runs in a child process."""
-        return self._process is not None
+        """Whether the call runs (or ran) in a child process."""
+        return self._forked
 
     def result(self) -> R:
         """The call's value (computed once); its exception is raised here."""
         if self._outcome is None:
-            self._outcome = self._collect() if self._process is not None else self._run_here()
+            self._outcome = self._collect() if self._forked else self._run_here()
         status, payload = self._outcome
         if status == "error":
             err, text = payload
@@ -101,24 +105,29 @@ class ForkedCall(Generic[R]):
             return "error", (err, "")
 
     def _collect(self) -> tuple[str, Any]:
-        process, self._process = self._process, None
+        received = False
         try:
-            return self._receive.recv()
+            message = self._receive.recv()
+            received = True
+            return message
         except EOFError:
-            process.join()
-            code = process.exitcode
+            self._process.join()
+            code = self._process.exitcode
             how = f"was killed by signal {-code}" if code < 0 else f"ended with exit status {code}"
             return "error", (ChildProcessError(f"the child process {how} before it sent a result"), "")
         finally:
-            self._receive.close()
-            process.join()
+            self._stop(wait=received)  # interrupted while waiting (Ctrl-C here): stop the child at once
+
+    def _stop(self, wait: bool) -> None:
+        if not wait:
+            self._process.terminate()
+        self._process.join()
+        self._receive.close()
+        self._process = None
 
     def __enter__(self) -> ForkedCall[R]:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
         if self._process is not None:
-            self._process.terminate()
-            self._process.join()
-            self._receive.close()
-            self._process = None
+            self._stop(wait=False)

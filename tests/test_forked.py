@@ -60,6 +60,7 @@ def test_value_comes_from_a_child_process() -> None:
     with ForkedCall(pid_and, {"boxes": [1.5, 2.0]}) as call:
         assert call.forked
         pid, value = call.result()
+        assert call.forked
     assert pid != os.getpid()
     assert value == {"boxes": [1.5, 2.0]}
 
@@ -135,6 +136,26 @@ def test_ctrl_c_in_the_child_is_raised_here(tmp_path: Path) -> None:
         os.kill(call._process.pid, signal.SIGINT)
         with pytest.raises(KeyboardInterrupt):
             call.result()
+
+
+def test_ctrl_c_while_waiting_stops_the_child() -> None:
+    """Ctrl-C here alone (not in the child) while result() waits: the child is stopped, not waited for."""
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    started = time.monotonic()
+    try:
+        with ForkedCall(sleep_then_return, 60) as call:
+            pid = call._process.pid
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            with pytest.raises(KeyboardInterrupt):
+                call.result()
+            assert not alive(pid)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert time.monotonic() - started < 30
 
 
 def test_leaving_the_block_stops_an_uncollected_child() -> None:
