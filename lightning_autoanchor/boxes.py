@@ -151,18 +151,22 @@ class BoxSet:
         """
         import torch
 
+        return torch.from_numpy(self._scaled_array(img_size, resize, scale_jitter, seed))
+
+    def _scaled_array(self, img_size: float, resize: Resize, scale_jitter: float = 0.0, seed: int = 0) -> np.ndarray:
+        """:meth:`scaled` as an ``(N, 2)`` float32 NumPy array."""
         factors = self.image_scales(img_size, resize)
         if scale_jitter:
             if not 0.0 <= scale_jitter < 1.0:
                 raise ConfigError(f"scale_jitter must be in [0, 1), got {scale_jitter}")
             rng = np.random.default_rng(seed)
             factors = factors * rng.uniform(1 - scale_jitter, 1 + scale_jitter, size=(len(factors), 1))
-        return torch.from_numpy((self.wh * factors[self.image_index]).astype(np.float32))
+        return (self.wh * factors[self.image_index]).astype(np.float32)
 
     def small_boxes(self, img_size: float, resize: Resize = "letterbox",
                     min_side: float = SMALL_BOX_SIZE) -> SmallBoxes:
         """Which boxes are under ``min_side`` pixels on either side at the training size."""
-        wh = (self.wh * self.image_scales(img_size, resize)[self.image_index]).astype(np.float32)
+        wh = self._scaled_array(img_size, resize)
         small = (wh < min_side).any(axis=1)
         tiny = (wh < MIN_FIT_SIZE).all(axis=1)
         images = np.unique(self.image_index[small])
