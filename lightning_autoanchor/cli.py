@@ -148,7 +148,8 @@ def _print_human(args: Namespace, box_set: Any, summary: dict[str, Any], lines: 
 
 
 def run_check(args: Namespace, reading: ForkedCall[BoxSet]) -> dict[str, Any]:
-    from lightning_autoanchor.metrics import DEFAULT_THR, score_anchors
+    from lightning_autoanchor.metrics import score_anchors
+    from lightning_autoanchor.settings import DEFAULT_THR
     from lightning_autoanchor.reporting import describe_scores
 
     anchors = parse_anchors(args.anchors)

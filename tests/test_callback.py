@@ -18,11 +18,11 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from lightning_autoanchor import AutoAnchor, BoxSet, fit_anchors
-from lightning_autoanchor.callback_base import PLOT_NAME, YAML_NAME
 from lightning_autoanchor.demo import RenderedBoxesDataModule, TinyYolo, YoloHead
 from lightning_autoanchor.errors import AnchorFitError, ConfigError, DataError, HeadError
 from lightning_autoanchor.heads import YoloAnchors, find_heads
 from lightning_autoanchor.refit import AnchorUpdate, refit_anchors
+from lightning_autoanchor.reporting import PLOT_NAME, YAML_NAME
 
 IMG = 64
 
@@ -128,7 +128,7 @@ def test_keeps_anchors_when_new_ones_are_no_better() -> None:
     head = YoloHead(1, [4], [[10.0, 10.0]], [8])
     heads = find_heads(nn.ModuleDict({"head": head}))
     boxes = BoxSet(np.array([[640, 640]]), np.array([[10, 10]] * 10 + [[500, 500]] * 10), np.zeros(20))
-    update = refit_anchors(heads, boxes, img_size=640, scale_jitter=0.0)
+    update = refit_anchors(head.anchors * 8, head.stride, boxes, img_size=640, scale_jitter=0.0)
     assert update.fitted and not update.replaced
     assert update.candidate is not None and update.candidate.bpr <= update.before.bpr
     assert torch.equal(update.anchors_after, update.anchors_before)
@@ -187,8 +187,9 @@ def test_ema_copy_gets_the_same_anchors(tmp_path: Path) -> None:
 
 
 def test_update_round_trips_through_plain_data() -> None:
-    heads = find_heads(TinyYolo(width=4))
-    update = refit_anchors(heads, CountingData().autoanchor_boxes(), img_size=IMG, generations=50)
+    head = find_heads(TinyYolo(width=4)).primary
+    update = refit_anchors(head.read_anchors(), head.strides, CountingData().autoanchor_boxes(), img_size=IMG,
+                           generations=50)
     buffer = io.BytesIO()
     torch.save(update.as_dict(), buffer)
     buffer.seek(0)
@@ -457,7 +458,7 @@ def test_warns_when_kept_anchors_are_in_reverse_level_order(tmp_path: Path) -> N
 
 
 def test_level_order_check() -> None:
-    from lightning_autoanchor.heads import assign_to_levels, follows_strides
+    from lightning_autoanchor.refit import assign_to_levels, follows_strides
 
     anchors = torch.tensor([[10.0, 10], [20, 20], [40, 40], [80, 80]])
     strides = torch.tensor([32.0, 8.0])  # a head that lists its coarse level first
