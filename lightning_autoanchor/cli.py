@@ -149,8 +149,8 @@ def _print_human(args: Namespace, box_set: Any, summary: dict[str, Any], lines: 
 
 def run_check(args: Namespace, reading: ForkedCall[BoxSet]) -> dict[str, Any]:
     from lightning_autoanchor.metrics import score_anchors
-    from lightning_autoanchor.settings import DEFAULT_THR
     from lightning_autoanchor.reporting import describe_scores
+    from lightning_autoanchor.settings import DEFAULT_THR
 
     anchors = parse_anchors(args.anchors)
     thr = DEFAULT_THR[args.metric] if args.thr is None else args.thr

@@ -126,7 +126,6 @@ def test_keeps_anchors_that_fit(tmp_path: Path) -> None:
 def test_keeps_anchors_when_new_ones_are_no_better() -> None:
     """One anchor, two size clusters far apart: no anchor covers both, so the fit cannot win on BPR."""
     head = YoloHead(1, [4], [[10.0, 10.0]], [8])
-    heads = find_heads(nn.ModuleDict({"head": head}))
     boxes = BoxSet(np.array([[640, 640]]), np.array([[10, 10]] * 10 + [[500, 500]] * 10), np.zeros(20))
     update = refit_anchors(head.anchors * 8, head.stride, boxes, img_size=640, scale_jitter=0.0)
     assert update.fitted and not update.replaced
