@@ -4,33 +4,40 @@
     lightning-autoanchor compute DATA [--n 9] [--out anchors.yaml] [--plot anchors.png] [--json]
 
 DATA is a COCO JSON (``.json``/``.json.gz``), an Ultralytics dataset YAML, a YOLO labels folder or a
-Pascal VOC folder. Errors in the input end the run with one line on stderr and exit status 1.
+Pascal VOC folder. Errors in the input end the run with one line on stderr and exit status 1; Ctrl-C
+ends it with one line and exit status 130.
+
+This module imports only what Python has loaded anyway, so that :func:`console_main` takes over
+Ctrl-C within milliseconds of the start; everything else is imported where it is used.
 """
 
 from __future__ import annotations
 
-import gc
-import json
+import contextlib
 import os
+import signal
 import sys
-import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Literal, NoReturn
-
-from jsonargparse import ArgumentParser, Namespace
-
-from lightning_autoanchor import __version__
-from lightning_autoanchor._forked import ForkedCall
-from lightning_autoanchor.errors import AutoAnchorError, ConfigError, DataError
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from types import FrameType, TracebackType
+
+    from jsonargparse import ArgumentParser, Namespace
+
     from lightning_autoanchor.boxes import BoxSet
+    from lightning_autoanchor.settings import AnchorSettings
+
+__all__ = ["PROG", "build_parser", "console_main", "main", "parse_anchors"]
 
 PROG = "lightning-autoanchor"
+_INTERRUPTED = b"lightning-autoanchor: interrupted\n"
+_DEFAULT_LEVELS = 3  # YOLOv5's P3-P5
 
 
 def _common(parser: ArgumentParser) -> None:
+    from typing import Literal
+
     parser.add_argument("data", type=str, help="COCO .json/.json.gz, dataset .yaml, YOLO labels or VOC folder")
     parser.add_argument("--img-size", type=float, default=640, help="training image size in pixels (default 640)")
     parser.add_argument("--resize", type=Literal["letterbox", "stretch"], default="letterbox",
@@ -49,6 +56,12 @@ def _common(parser: ArgumentParser) -> None:
 
 
 def build_parser() -> ArgumentParser:
+    from typing import Literal
+
+    from jsonargparse import ArgumentParser
+
+    from lightning_autoanchor import __version__
+
     parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], env_prefix="AUTOANCHOR",
                             default_env=False)
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -58,12 +71,15 @@ def build_parser() -> ArgumentParser:
     _common(check)
     check.add_argument("--anchors", type=str, required=True,
                        help='anchor widths and heights in pixels at --img-size: "10,13, 16,30, 33,23, ..."')
+    check.add_argument("--bpr-threshold", type=float, default=0.98,
+                       help="the anchors fit when the best possible recall reaches this (default 0.98, as YOLOv5)")
     commands.add_subcommand("check", check, help="score given anchors on a dataset")
 
     compute = ArgumentParser(description="Fit new anchors to a dataset (k-means, evolution, coordinate search).")
     _common(compute)
     compute.add_argument("--n", type=int, default=9, help="number of anchors, all levels together (default 9)")
-    compute.add_argument("--levels", type=int, default=3, help="detection levels for --out (default 3: P3-P5)")
+    compute.add_argument("--levels", type=int | None, default=None,
+                         help="detection levels for --out (default: 3, P3-P5, when --n divides by 3, else 1)")
     compute.add_argument("--generations", type=int, default=1000, help="mutants the evolution scores (default 1000)")
     compute.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     compute.add_argument("--init", type=Literal["log", "iou", "euclidean"], default="log",
@@ -78,6 +94,8 @@ def parse_anchors(text: str) -> Any:
     """``"10,13, 16,30"`` (commas and/or spaces) -> ``(K, 2)`` float tensor of positive sizes."""
     import torch
 
+    from lightning_autoanchor.errors import ConfigError
+
     try:
         values = [float(v) for v in text.replace(",", " ").split()]
     except ValueError:
@@ -90,31 +108,48 @@ def parse_anchors(text: str) -> Any:
     return anchors
 
 
-def _read_boxes(args: Namespace) -> BoxSet:
-    from lightning_autoanchor.sources import load_boxes
-
-    return load_boxes(args.data, split=args.split, strict=args.strict, progress=not args.quiet)
-
-
-def _load(args: Namespace, reading: ForkedCall[BoxSet]) -> tuple[BoxSet, Any, int]:
-    """DATA's boxes (from ``reading``) sized for training: (box set, kept wh, number left out)."""
+def _device(name: str) -> Any:
+    """The torch device ``--device`` names, once a tensor could be made on it."""
     import torch
 
-    from lightning_autoanchor.optimizer import prepare_boxes
+    from lightning_autoanchor.errors import ConfigError
 
     try:
-        box_set = reading.result()
-    except ChildProcessError as err:  # e.g. the reading process was killed for lack of memory
-        raise DataError(f"{args.data}: cannot be read: {err}") from None
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, ValueError) as err:  # e.g. "Torch not compiled with CUDA enabled"
+        why = str(err).strip().split("\n")[0] or type(err).__name__
+        raise ConfigError(f"--device {name!r} cannot be used: {why}") from None
+    return device
+
+
+def _settings(args: Namespace) -> AnchorSettings:
+    """The command's settings, validated as the callback's are (a bad value names its option)."""
+    from lightning_autoanchor.errors import ConfigError
+    from lightning_autoanchor.settings import AnchorSettings
+
+    given = {name: args[name] for name in ("img_size", "resize", "metric", "thr", "bpr_threshold", "generations",
+                                           "seed") if name in args}
+    try:
+        return AnchorSettings(**given)
+    except ConfigError as err:
+        name = str(err).split(" ", 1)[0]
+        raise ConfigError(f"--{name.replace('_', '-')}{str(err)[len(name):]}") from None
+
+
+def _load(args: Namespace, device: Any) -> tuple[BoxSet, Any, int]:
+    """DATA's boxes sized for training: (box set, kept wh on ``device``, number left out)."""
+    from lightning_autoanchor.boxes import MIN_FIT_SIZE
+    from lightning_autoanchor.errors import ConfigError
+    from lightning_autoanchor.optimizer import prepare_boxes
+    from lightning_autoanchor.sources import load_boxes
+
+    box_set = load_boxes(args.data, split=args.split, strict=args.strict, progress=not args.quiet)
     if len(box_set) == 0:
         raise ConfigError(f"{args.data}: no boxes to work with")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as err:
-        raise ConfigError(f"--device {args.device!r}: {err}") from None
     wh, dropped = prepare_boxes(box_set.scaled(args.img_size, args.resize).to(device))
     if len(wh) == 0:
-        raise ConfigError(f"{args.data}: every box is under 2 px at img_size {args.img_size:g}")
+        raise ConfigError(f"{args.data}: every box is under {MIN_FIT_SIZE:g} px at img_size {args.img_size:g}")
     return box_set, wh, dropped
 
 
@@ -137,9 +172,11 @@ def _data_summary(args: Namespace, box_set: Any, dropped: int) -> dict[str, Any]
 
 
 def _print_human(args: Namespace, box_set: Any, summary: dict[str, Any], lines: list[str]) -> None:
+    from lightning_autoanchor.boxes import MIN_FIT_SIZE
+
     small = box_set.small_boxes(args.img_size, args.resize)
     print(f"{args.data}: {len(box_set):,} boxes in {box_set.num_images:,} images, at img_size {args.img_size:g} "
-          f"({args.resize}); {summary['n_dropped']:,} under 2 px left out")
+          f"({args.resize}); {summary['n_dropped']:,} under {MIN_FIT_SIZE:g} px left out")
     if small.count:
         print(f"note: {small.describe(max_images=10 if args.list_small else 0)}"
               + ("" if args.list_small else " (--list-small names them)"))
@@ -147,33 +184,47 @@ def _print_human(args: Namespace, box_set: Any, summary: dict[str, Any], lines: 
         print(line)
 
 
-def run_check(args: Namespace, reading: ForkedCall[BoxSet]) -> dict[str, Any]:
+def run_check(args: Namespace) -> dict[str, Any]:
     from lightning_autoanchor.metrics import score_anchors
     from lightning_autoanchor.reporting import describe_scores
-    from lightning_autoanchor.settings import DEFAULT_THR
 
+    settings = _settings(args)
     anchors = parse_anchors(args.anchors)
-    thr = DEFAULT_THR[args.metric] if args.thr is None else args.thr
-    box_set, wh, dropped = _load(args, reading)
+    thr = settings.thr
+    box_set, wh, dropped = _load(args, _device(args.device))
     scores = score_anchors(wh, anchors.to(wh.device), thr, args.metric)
-    out = {"anchors": anchors.tolist(), **scores.as_dict(), "thr": thr, **_data_summary(args, box_set, dropped)}
+    fits = scores.bpr >= args.bpr_threshold
+    out = {"anchors": anchors.tolist(), **scores.as_dict(), "thr": thr, "fits": fits,
+           "bpr_threshold": args.bpr_threshold, **_data_summary(args, box_set, dropped)}
     if not args.json:
         pairs = "  ".join(f"{w:g},{h:g}" for w, h in anchors.tolist())
+        verdict = (f"the anchors fit: best possible recall {scores.bpr:.4f} >= {args.bpr_threshold:g}" if fits else
+                   f"a re-fit is advised: best possible recall {scores.bpr:.4f} < {args.bpr_threshold:g} "
+                   f"({PROG} compute fits new anchors)")
         _print_human(args, box_set, out, [f"anchors ({len(anchors)}): {pairs}",
-                                          *describe_scores(scores, thr, args.metric)])
+                                          *describe_scores(scores, thr, args.metric), verdict])
     return out
 
 
-@contextmanager
-def _writing(path: str) -> Iterator[None]:
-    """Turn a failure to write ``path`` into a one-line error naming it."""
-    try:
-        yield
-    except OSError as err:
-        raise ConfigError(f"cannot write {path}: {err.strerror or err}") from None
+class _Writing:
+    """Around writing ``path``: a failure becomes a one-line error naming it; and a Ctrl-C that code
+    called earlier swallowed still stops the run before anything is written."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self) -> None:
+        _ctrl_c.check()
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
+        from lightning_autoanchor.errors import ConfigError
+
+        if isinstance(err, OSError):
+            raise ConfigError(f"cannot write {self.path}: {err.strerror or err}") from None
 
 
-def run_compute(args: Namespace, reading: ForkedCall[BoxSet]) -> dict[str, Any]:
+def run_compute(args: Namespace) -> dict[str, Any]:
+    from lightning_autoanchor.errors import ConfigError
     from lightning_autoanchor.optimizer import fit_anchors
     from lightning_autoanchor.reporting import (
         anchors_yaml,
@@ -183,23 +234,30 @@ def run_compute(args: Namespace, reading: ForkedCall[BoxSet]) -> dict[str, Any]:
         write_text_atomic,
     )
 
-    if args.n < 1 or args.levels < 1:
-        raise ConfigError(f"--n and --levels must be at least 1, got {args.n} and {args.levels}")
-    if args.n % args.levels:
-        raise ConfigError(f"--n {args.n} anchors cannot be split evenly over --levels {args.levels}")
-    box_set, wh, dropped = _load(args, reading)
-    result = fit_anchors(wh, args.n, thr=args.thr, metric=args.metric, generations=args.generations,
-                         seed=args.seed, init=args.init, progress=not args.quiet)
-    out = {**result.as_dict(), **_data_summary(args, box_set, dropped)}
+    levels = args.levels
+    if levels is None:
+        levels = _DEFAULT_LEVELS if args.n % _DEFAULT_LEVELS == 0 else 1
+        if args.n >= 1 and levels != _DEFAULT_LEVELS and not args.json:
+            print(f"{PROG}: note: --n {args.n} does not divide into {_DEFAULT_LEVELS} levels: writing 1 level of "
+                  f"{args.n} anchors (--levels chooses)", file=sys.stderr)
+    if args.n < 1 or levels < 1:
+        raise ConfigError(f"--n must be at least 1, got {args.n}" if args.levels is None else
+                          f"--n and --levels must be at least 1, got {args.n} and {levels}")
+    if args.n % levels:
+        raise ConfigError(f"--n {args.n} anchors cannot be split evenly over --levels {levels}")
+    settings = _settings(args)
+    box_set, wh, dropped = _load(args, _device(args.device))
+    result = fit_anchors(wh, args.n, settings, init=args.init, progress=not args.quiet)
+    out = {**result.as_dict(), "levels": levels, **_data_summary(args, box_set, dropped)}
     out["anchors"] = result.anchors.tolist()
-    text = anchors_yaml(result.anchors, args.levels,
+    text = anchors_yaml(result.anchors, levels,
                         comments=header_comments(str(args.data), args.img_size, args.resize, args.metric,
                                                  result.thr, result.scores, args.seed))
     if args.out:
-        with _writing(args.out):
+        with _Writing(args.out):
             out["out"] = str(write_text_atomic(args.out, text))
     if args.plot:
-        with _writing(args.plot):
+        with _Writing(args.plot):
             out["plot"] = str(plot_anchors(wh, result.anchors, args.plot, thr=result.thr, metric=args.metric,
                                            title=f"{args.data} at {args.img_size:g} px"))
     if not args.json:
@@ -211,52 +269,134 @@ def run_compute(args: Namespace, reading: ForkedCall[BoxSet]) -> dict[str, Any]:
     return out
 
 
-def _show_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
-    """Warnings (e.g. skipped annotations) as one ``lightning-autoanchor: warning:`` line each, on stderr."""
-    print(f"{PROG}: warning: {message}", file=sys.stderr)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``lightning-autoanchor`` command with ``argv`` (default: the process's); returns the exit status.
 
-    When torch is not loaded yet, the annotations are read in a forked child process while this one
-    imports torch, so a short run pays about the longer of the two instead of their sum.
+    The annotations are read in this process; folders with worker processes that never outlive it.
     """
-    args = build_parser().parse_args(argv)
-    command = args.command
+    import json
+    import warnings
+
     try:
+        args = build_parser().parse_args(argv)
+        command = args.command
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
-            run = run_check if command == "check" else run_compute
-            with ForkedCall(_read_boxes, args[command], fork="torch" not in sys.modules) as reading:
-                out = run(args[command], reading)
-    except AutoAnchorError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    if args[command].json:
-        print(json.dumps(out))
+            out = (run_check if command == "check" else run_compute)(args[command])
+        _ctrl_c.check()
+        if args[command].json:
+            print(json.dumps(out))
+        sys.stdout.flush()
+    except BaseException as err:
+        return _failed(err)
     return 0
+
+
+def _failed(err: BaseException) -> int:
+    """The exit status for an exception that ended the run, once its one line is said; others are raised.
+
+    Whatever a Ctrl-C set off (an import it cut short can fail with another exception) counts as the
+    Ctrl-C: status 130.
+    """
+    from lightning_autoanchor.errors import AutoAnchorError
+
+    if isinstance(err, KeyboardInterrupt) or _ctrl_c.raised:
+        _say_interrupted()
+        return 130
+    if isinstance(err, AutoAnchorError):
+        with contextlib.suppress(BrokenPipeError):
+            sys.stderr.write(f"{PROG}: error: {err}\n")
+            sys.stderr.flush()
+        return 1
+    if isinstance(err, BrokenPipeError):  # e.g. piped into `head`, which has read what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that no later flush fails
+        return 1
+    raise err
+
+
+class _CtrlC:
+    """What :func:`console_main`'s SIGINT handler has done: raised ``KeyboardInterrupt``; said so."""
+
+    raised = False
+    said = False
+
+    def check(self) -> None:
+        """Raise ``KeyboardInterrupt`` again if code the run called swallowed it: nothing is written after it."""
+        if self.raised:
+            raise KeyboardInterrupt
+
+
+_ctrl_c = _CtrlC()
+
+
+def _say_interrupted() -> None:
+    """The one line a Ctrl-C gives, said once (straight to the file descriptor: a signal handler may be
+    running in the middle of a write to ``sys.stderr``)."""
+    if not _ctrl_c.said:
+        _ctrl_c.said = True
+        with contextlib.suppress(OSError):
+            os.write(2, _INTERRUPTED)
+
+
+def _on_sigint(signum: int, frame: FrameType | None) -> None:
+    """The first Ctrl-C raises ``KeyboardInterrupt``, so that the run unwinds (files being written are
+    removed, worker processes stopped and reaped); a second one ends the process here and now."""
+    if _ctrl_c.raised:
+        _exit_interrupted()
+    _ctrl_c.raised = True
+    raise KeyboardInterrupt
+
+
+def _on_unraisable(unraisable: Any) -> None:
+    """A ``KeyboardInterrupt`` raised where it cannot propagate (a destructor, a callback) ends the run."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        _exit_interrupted()
+    sys.__unraisablehook__(unraisable)
+
+
+def _exit_interrupted() -> NoReturn:
+    """End the process now, with the one line and status 130, once its worker processes are killed and
+    reaped (were it killed itself, they would die with it: see ``sources._workers``)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    multiprocessing = sys.modules.get("multiprocessing")
+    if multiprocessing is not None:
+        for child in multiprocessing.active_children():
+            child.kill()
+            child.join()
+    _say_interrupted()
+    os._exit(130)
 
 
 def console_main() -> NoReturn:
     """The installed ``lightning-autoanchor`` command: :func:`main`, then an immediate exit.
 
-    A run of the command is short and makes no reference cycles worth collecting, so the garbage
-    collector stays off (its passes cost about 0.3 s while torch is imported and annotations are
-    read); once the output is flushed the process ends without the interpreter's teardown of torch's
-    modules (another 0.3 s). Every file the run writes is closed before :func:`main` returns.
+    From its first line, a Ctrl-C (SIGINT) at any moment ends the run with one line on stderr,
+    ``lightning-autoanchor: interrupted``, and exit status 130 (:func:`_on_sigint`); before it, while
+    Python starts, Python's own handling applies. A run of the command is short and makes no
+    reference cycles worth collecting, so the garbage collector stays off (its passes cost about
+    0.3 s while torch is imported and annotations are read); once the output is flushed the process
+    ends without the interpreter's teardown of torch's modules (another 0.3 s). Every file the run
+    writes is closed, and every worker process reaped, before :func:`main` returns.
     """
-    gc.disable()
-    status = main()
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except BrokenPipeError:  # e.g. piped into `head`
-        status = status or 1
-    os._exit(status)
+    try:  # from here on, Python's KeyboardInterrupt or ours: caught below
+        signal.signal(signal.SIGINT, _on_sigint)
+        sys.unraisablehook = _on_unraisable
+        import gc
+
+        gc.disable()
+        status = main()
+        if _ctrl_c.raised:  # whatever ended the run, a Ctrl-C came first
+            _exit_interrupted()
+        os._exit(status)
+    except BaseException:
+        if _ctrl_c.raised or sys.exc_info()[0] is KeyboardInterrupt:
+            _exit_interrupted()
+        raise
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
+    """Warnings (e.g. skipped annotations) as one ``lightning-autoanchor: warning:`` line each, on stderr."""
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

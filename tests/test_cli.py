@@ -6,17 +6,14 @@ console script), and its output is checked against the library called in this pr
 
 from __future__ import annotations
 
-import gzip
 import importlib.util
 import io
 import itertools
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -273,7 +270,7 @@ def test_bad_arguments_are_usage_errors(bad_runs: dict, key: str) -> None:
 
 
 def test_readers_never_import_torch() -> None:
-    """The CLI reads in a child forked before torch loads; the readers must not load it there."""
+    """The readers (and the worker processes they fork) never load torch, which they do not need."""
     code = ("import sys\nfrom lightning_autoanchor.sources import load_boxes\n"
             f"boxes = load_boxes({str(DEMO)!r})\nboxes.small_boxes(640)\n"
             "print(len(boxes), 'torch' in sys.modules)")
@@ -282,76 +279,8 @@ def test_readers_never_import_torch() -> None:
     assert proc.stdout.split() == ["7179", "False"]
 
 
-def children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except FileNotFoundError:
-        return []
-
-
-@pytest.fixture(scope="module")
-def big_coco(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo slice with every annotation repeated 60 times (430k boxes): reading it takes a while."""
-    with gzip.open(DEMO, "rt") as f:
-        data = json.load(f)
-    data["annotations"] = [{**a, "id": i} for i, a in enumerate(data["annotations"] * 60)]
-    path = tmp_path_factory.mktemp("big") / "big.json"
-    path.write_text(json.dumps(data))
-    return path
-
-
-def default_sigint() -> None:
-    """As on a terminal: tests may run with SIGINT ignored (a shell's background job), which a child would inherit."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def start_reading(path: Path) -> tuple[subprocess.Popen[str], int]:
-    """Start ``compute PATH --json`` in a new session; return it and the child that reads (once it runs)."""
-    proc = subprocess.Popen([sys.executable, "-m", "lightning_autoanchor.cli", "compute", str(path), "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-                            start_new_session=True, preexec_fn=default_sigint)
-    deadline = time.monotonic() + 60
-    while not (reader := children(proc.pid)) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.002)
-    if not reader:
-        proc.kill()
-        pytest.fail(f"the command read the annotations without a child process:\n{proc.communicate()[1]}")
-    return proc, reader[0]
-
-
-def gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
-
-
-needs_proc = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc to find the child")
-
-
-@needs_proc
-def test_ctrl_c_while_the_child_reads(big_coco: Path) -> None:
-    """Ctrl-C (SIGINT to the process group) while the reading child runs: one line, status 130, no child left."""
-    proc, reader = start_reading(big_coco)
-    os.killpg(proc.pid, signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert (proc.returncode, stdout, stderr) == (130, "", f"{PROG}: interrupted\n")
-    assert gone(reader)
-
-
-@needs_proc
-def test_reading_child_killed(big_coco: Path) -> None:
-    """The reading child killed (as the kernel does when memory runs out): one error line naming the file."""
-    proc, reader = start_reading(big_coco)
-    os.kill(reader, signal.SIGKILL)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert (proc.returncode, stdout) == (1, "")
-    assert stderr == f"{PROG}: error: {big_coco}: cannot be read: the child process was killed by signal 9 " \
-                     "before it sent a result\n"
-
-
-def test_large_yolo_folder_read_by_workers_in_the_child(tmp_path: Path) -> None:
-    """2,000 label files: the reading child starts worker processes of its own (a daemon child could not)."""
+def test_large_yolo_folder_read_by_worker_processes(tmp_path: Path) -> None:
+    """2,000 label files, read by worker processes: the same scores as the library's read."""
     from PIL import Image
 
     images, labels = tmp_path / "images", tmp_path / "labels"
@@ -367,3 +296,52 @@ def test_large_yolo_folder_read_by_workers_in_the_child(tmp_path: Path) -> None:
     assert out["n_images"] == 2_000 and out["n_boxes_read"] == 2_000 and out["skipped"] == {}
     wh = prepare_boxes(load_boxes(tmp_path).scaled(640))[0]
     assert_scores(out, wh, anchor_tensor(ANCHORS), 4.0, "ratio")
+
+
+def test_check_verdict(checked: dict) -> None:
+    """``check`` says whether the anchors fit against ``--bpr-threshold`` (default 0.98, as YOLOv5)."""
+    assert checked["fits"] is True and checked["bpr_threshold"] == 0.98 and checked["bpr"] >= 0.98
+    strict = json_out(cli("check", DEMO, "--anchors", ANCHORS, "--json", "--bpr-threshold", "0.999"))
+    assert strict["fits"] is False and strict["bpr_threshold"] == 0.999 and strict["bpr"] == checked["bpr"]
+    human = cli("check", DEMO, "--anchors", ANCHORS, "--bpr-threshold", "0.999")
+    assert human.returncode == 0, human.stderr
+    assert line_with(human.stdout, "a re-fit is advised") == (
+        f"a re-fit is advised: best possible recall {checked['bpr']:.4f} < 0.999 ({PROG} compute fits new anchors)")
+    fits = cli("check", DEMO, "--anchors", ANCHORS)
+    verdict = f"the anchors fit: best possible recall {checked['bpr']:.4f} >= 0.98"
+    assert line_with(fits.stdout, "the anchors fit") == verdict
+    bad = cli("check", DEMO, "--anchors", ANCHORS, "--bpr-threshold", "1.5")
+    assert (bad.returncode, bad.stderr) == (1, f"{PROG}: error: --bpr-threshold must be in [0, 1], got 1.5\n")
+
+
+@pytest.mark.parametrize(("n", "levels"), [(5, 1), (6, 3), (4, 1)])
+def test_compute_infers_the_levels(n: int, levels: int, tmp_path: Path) -> None:
+    """Without ``--levels``: 3 levels when ``--n`` divides by 3, else 1, said on stderr and given in the JSON."""
+    args = ["compute", DEMO, "--n", str(n), "--generations", "20", "--out", tmp_path / "a.yaml"]
+    out = json_out(cli(*args, "--json"))
+    assert out["levels"] == levels and len(out["anchors"]) == n
+    rows = yaml.safe_load((tmp_path / "a.yaml").read_text())["anchors"]
+    assert len(rows) == levels and all(len(row) == 2 * n // levels for row in rows)
+    human = cli(*args)
+    assert human.returncode == 0, human.stderr
+    note = f"{PROG}: note: --n {n} does not divide into 3 levels: writing 1 level of {n} anchors (--levels chooses)\n"
+    assert human.stderr == (note if levels == 1 else "")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", "nonsense"])
+def test_unusable_device_is_one_error_line(device: str) -> None:
+    """``--device cuda`` on a CPU-only torch (or no such device) is one error line, before any data is read."""
+    proc = cli("check", DEMO.parent / "missing.json", "--anchors", ANCHORS, "--device", device)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.startswith(f"{PROG}: error: --device {device!r} cannot be used: ")
+    assert proc.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("name", ["DATA.JSON.GZ", "data.json", "data.Json.Gz"])
+def test_gzip_is_told_by_its_bytes(name: str, checked: dict, tmp_path: Path) -> None:
+    """A gzip COCO file is read as gzip whatever its name's case, also when named ``.json``."""
+    path = tmp_path / name
+    path.write_bytes(DEMO.read_bytes())
+    out = json_out(cli("check", path, "--anchors", ANCHORS, "--json"))
+    assert {k: out[k] for k in SCORE_KEYS} == {k: checked[k] for k in SCORE_KEYS}

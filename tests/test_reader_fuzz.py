@@ -30,7 +30,8 @@ from lightning_autoanchor.boxes import BoxSet
 from lightning_autoanchor.errors import DataError
 from lightning_autoanchor.sources import PROBLEMS, DataWarning, read_coco, read_voc, read_yolo
 from lightning_autoanchor.sources._json_stream import Elements, stream_arrays
-from tests.test_sources import load_slice, voc_xml, write_image, yolo_line
+
+from .conftest import load_slice, voc_xml, write_image, yolo_line
 
 SCALE = int(os.environ.get("FUZZ_SCALE", "1"))
 TIME_LIMIT_S = 10.0  # per example; far above the few milliseconds each takes

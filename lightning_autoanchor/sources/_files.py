@@ -2,41 +2,71 @@
 
 This module imports neither torch nor the package's heavy modules, so worker processes start fast.
 Every function returns plain data and a list of problems ``(kind, where, message)`` instead of
-raising, so one bad file never stops the read.
+raising, so one bad file never stops the read. Files are opened with :func:`open_regular`, which
+never blocks: a FIFO (or a socket or device) in a dataset folder is reported, not read.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import warnings
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from multiprocessing import get_context
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import IO, Any
 
 import numpy as np
 
-from lightning_autoanchor._forked import can_fork
+__all__ = ["Problem", "SpecialFileError", "file_stats", "image_size", "open_regular", "read_voc_xml",
+           "read_yolo_label"]
 
 Problem = tuple[str, str, str]
-T = TypeVar("T")
-R = TypeVar("R")
 
 _EXIF_ORIENTATION = 0x0112
 _MAX_SIDE = float(np.finfo(np.float32).max)  # box sizes are kept in float32
-_PARALLEL_MIN_FILES = 2_000
-_TASK_SIZE = 500
 _MAX_PROBLEMS_PER_FILE = 3
+
+
+_NOT_FILES = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+              stat.S_IFBLK: "a block device", stat.S_IFDIR: "a folder"}
+
+
+class SpecialFileError(OSError):
+    """A path names a FIFO, socket or device, not a regular file; reading it could block forever."""
+
+
+def open_regular(path: str) -> IO[bytes]:
+    """Open a regular file for reading (binary); raise :class:`SpecialFileError` for anything else.
+
+    The file is opened without blocking (``O_NONBLOCK``: a FIFO would otherwise wait for a writer)
+    and checked on the open descriptor, so nothing can swap it between the check and the read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as err:
+        if err.errno == errno.ENXIO:  # opening a socket
+            raise SpecialFileError(errno.ENXIO, "not a regular file but a socket", path) from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = _NOT_FILES.get(stat.S_IFMT(mode), "not a file")
+            raise SpecialFileError(errno.EINVAL, f"not a regular file but {kind}", path)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def image_size(path: str) -> tuple[float, float]:
     """Width and height of an image as it is displayed (EXIF rotation applied), from its header only.
 
-    Raises ``OSError`` (or a subclass) when the file is missing or not a readable image.
+    Raises ``OSError`` (or a subclass; :class:`SpecialFileError` for a FIFO, socket or device) when
+    the file is missing or not a readable image.
     """
-    with _open_image(path) as im:
+    with open_regular(path) as f, _open_image(f) as im:
         w, h = im.size
         if im.format in ("JPEG", "MPO", "TIFF", "WEBP"):  # PNG would decode the whole image
             orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
@@ -47,18 +77,19 @@ def image_size(path: str) -> tuple[float, float]:
     return float(w), float(h)
 
 
-def _open_image(path: str) -> Any:
+def _open_image(f: IO[bytes]) -> Any:
     """``PIL.Image.open`` without its decompression-bomb limit: only the header is read, never the pixels."""
     from PIL import Image
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            return Image.open(path)
+            return Image.open(f)
         except Image.DecompressionBombError:  # very large images (aerial, medical) are fine here
             limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
             try:
-                return Image.open(path)
+                f.seek(0)
+                return Image.open(f)
             finally:
                 Image.MAX_IMAGE_PIXELS = limit
 
@@ -80,14 +111,19 @@ def read_yolo_label(label_path: str, image_path: str | None) -> tuple[tuple[floa
     else:
         try:
             size = image_size(image_path)
+        except SpecialFileError as err:
+            problems.append(("special_file", image_path, err.strerror))
         except Exception as err:  # PIL raises many kinds for broken files
             problems.append(("unreadable_image", image_path, f"cannot read the image size: {err}"))
     boxes: list[list[float]] = []
-    if not os.path.exists(label_path):
-        return size, np.zeros((0, 4)), problems  # a background image without a label file
     try:
-        with open(label_path, "rb") as f:
+        with open_regular(label_path) as f:
             text = f.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return size, np.zeros((0, 4)), problems  # a background image without a label file
+    except SpecialFileError as err:
+        problems.append(("special_file", label_path, err.strerror))
+        return size, np.zeros((0, 4)), problems
     except OSError as err:
         problems.append(("unreadable_file", label_path, f"cannot read: {err}"))
         return size, np.zeros((0, 4)), problems
@@ -140,7 +176,10 @@ def read_voc_xml(xml_path: str, images_dir: str | None) -> tuple[tuple[float, fl
     """
     problems: list[Problem] = []
     try:
-        root = ET.parse(xml_path).getroot()
+        with open_regular(xml_path) as f:
+            root = ET.parse(f).getroot()
+    except SpecialFileError as err:
+        return None, os.path.basename(xml_path), np.zeros((0, 2)), [("special_file", xml_path, err.strerror)]
     except (ET.ParseError, OSError, UnicodeDecodeError) as err:
         problem = ("unreadable_file", xml_path, f"cannot parse: {err}")
         return None, os.path.basename(xml_path), np.zeros((0, 2)), [problem]
@@ -158,6 +197,8 @@ def read_voc_xml(xml_path: str, images_dir: str | None) -> tuple[tuple[float, fl
             if image_path is None:
                 raise OSError("no image folder")
             size = image_size(image_path)
+        except SpecialFileError as err:
+            problems.append(("special_file", image_path, err.strerror))
         except Exception as err:
             problems.append(("missing_size", xml_path, f"no usable <size> and the image cannot be read ({err})"))
     boxes = []
@@ -194,34 +235,3 @@ def file_stats(paths: Sequence[str]) -> list[tuple[int, int]]:
         except OSError:
             stats.append((-1, -1))
     return stats
-
-
-def _run_chunk(func: Callable[..., R], args: Sequence[tuple[Any, ...]]) -> list[R]:
-    return [func(*a) for a in args]
-
-
-def map_files(func: Callable[..., R], args: Sequence[tuple[Any, ...]], *, workers: int | None = None) -> Iterator[R]:
-    """``func(*a)`` for every ``a`` in ``args``, in order; in forked worker processes for large inputs.
-
-    ``workers=None`` uses every core (at most 8) when there are at least 2,000 files, else this
-    process; an explicit ``workers`` count is used as given. Where workers cannot be forked safely
-    (see :func:`~lightning_autoanchor._forked.can_fork`) or the pool breaks, the files are read in this process.
-    """
-    if workers is None:
-        n_workers = min(os.cpu_count() or 1, 8) if len(args) >= _PARALLEL_MIN_FILES else 1
-    else:
-        n_workers = max(1, workers)
-    if n_workers > 1 and can_fork():
-        size = min(_TASK_SIZE, -(-len(args) // n_workers))
-        chunks = [args[i:i + size] for i in range(0, len(args), size)]
-        done = 0
-        try:
-            with ProcessPoolExecutor(n_workers, mp_context=get_context("fork")) as pool:
-                for results in pool.map(_run_chunk, [func] * len(chunks), chunks):
-                    yield from results
-                    done += len(results)
-            return
-        except BrokenProcessPool:
-            args = args[done:]  # a worker died (e.g. killed for memory): finish here
-    for a in args:
-        yield func(*a)

@@ -21,7 +21,8 @@ PROBLEMS: dict[str, str] = {
     "unknown_image": "boxes of an image id that is not in the image list (skipped)",
     "missing_size": "images without a usable width and height (their boxes skipped)",
     "unreadable_image": "images whose size cannot be read from the file (their boxes skipped)",
-    "unreadable_file": "annotation files that cannot be parsed (skipped)",
+    "unreadable_file": "annotation files that cannot be read or parsed, or folders that cannot be listed (skipped)",
+    "special_file": "FIFOs, sockets or devices where files were expected (not opened; their boxes skipped)",
 }
 """Input problems a reader skips (or, with ``strict=True``, refuses), and what happens to them."""
 

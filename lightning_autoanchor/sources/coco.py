@@ -1,5 +1,7 @@
 """COCO detection JSON (``.json`` or ``.json.gz``): ``images`` with sizes, ``annotations`` with ``bbox``.
 
+A gzip file is told by its first bytes, not its name (``DATA.JSON.GZ``, or a ``.json`` that is gzip).
+
 Read as a stream (see :mod:`._json_stream`): memory stays bounded by the boxes kept, not the file.
 Only ``images[].id/width/height/file_name`` and ``annotations[].id/image_id/bbox/iscrowd`` are read;
 ``bbox`` is ``[x, y, w, h]`` in pixels. Crowd regions (``iscrowd: 1``) are not objects and are left out.
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import zlib
+from contextlib import nullcontext
 from itertools import chain
 from operator import attrgetter
 from pathlib import Path
@@ -19,6 +22,7 @@ import numpy as np
 
 from lightning_autoanchor.boxes import BoxSet
 from lightning_autoanchor.errors import DataError
+from lightning_autoanchor.sources._files import SpecialFileError, open_regular
 from lightning_autoanchor.sources._geometry import clip_to_image
 from lightning_autoanchor.sources._json_stream import Elements, stream_arrays
 from lightning_autoanchor.sources._log import ReadLog
@@ -42,6 +46,7 @@ class _Annotation(msgspec.Struct, gc=False):
 
 _BBOX, _ISCROWD = attrgetter("bbox"), attrgetter("iscrowd")
 _DECODERS = {"images": msgspec.json.Decoder(list[_Image]), "annotations": msgspec.json.Decoder(list[_Annotation])}
+_GZIP_MAGIC = b"\x1f\x8b"
 _CODE_BASE = 1 << 62  # string ids (and huge integer ids) get integer codes from here on
 _MIN_ID = -(1 << 63)
 
@@ -224,11 +229,13 @@ def read_coco(path: str | Path, *, strict: bool = False) -> BoxSet:
     log = ReadLog(str(path), strict)
     collector = _Collector(str(path), log)
     try:
-        opener: Any = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rb") as stream:
-            stream_arrays(stream, str(path), _DECODERS, collector)
-    except (OSError, EOFError, zlib.error) as err:  # missing file, permission, corrupt or truncated gzip
-        raise DataError(f"{path}: cannot read: {err}") from None
+        with open_regular(str(path)) as raw:
+            packed = raw.read(len(_GZIP_MAGIC)) == _GZIP_MAGIC
+            raw.seek(0)
+            with gzip.GzipFile(fileobj=raw, mode="rb") if packed else nullcontext(raw) as stream:
+                stream_arrays(stream, str(path), _DECODERS, collector)
+    except (OSError, EOFError, zlib.error) as err:  # missing file, FIFO, permission, corrupt or truncated gzip
+        raise DataError(f"{path}: cannot read: {err.strerror if isinstance(err, SpecialFileError) else err}") from None
     box_set = collector.box_set()
     log.warn()
     return box_set

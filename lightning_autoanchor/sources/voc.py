@@ -10,6 +10,7 @@ Objects marked ``difficult`` are kept: they are objects of the dataset all the s
 from __future__ import annotations
 
 import os
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,9 @@ import numpy as np
 from lightning_autoanchor.boxes import BoxSet
 from lightning_autoanchor.errors import DataError
 from lightning_autoanchor.progress import progress_bar
-from lightning_autoanchor.sources._files import map_files, read_voc_xml
+from lightning_autoanchor.sources._files import read_voc_xml
 from lightning_autoanchor.sources._log import ReadLog
+from lightning_autoanchor.sources._workers import map_files
 
 
 def _xml_files(path: Path, split: str | None) -> tuple[list[str], str | None]:
@@ -35,7 +37,11 @@ def _xml_files(path: Path, split: str | None) -> tuple[list[str], str | None]:
         ids = [line.split()[0] for line in text.splitlines() if line.strip()]
         files = [str(annotations / f"{i}.xml") for i in ids]
     else:
-        files = sorted(str(annotations / name) for name in os.listdir(annotations) if name.lower().endswith(".xml"))
+        try:
+            names = os.listdir(annotations)
+        except OSError as err:
+            raise DataError(f"{annotations}: cannot list the folder: {err.strerror or err}") from None
+        files = sorted(str(annotations / name) for name in names if name.lower().endswith(".xml"))
     if not files:
         raise DataError(f"{path}: no .xml annotation files found")
     return files, str(images_dir) if images_dir.is_dir() else None
@@ -61,17 +67,17 @@ def read_voc(path: str | Path, *, split: str | None = None, strict: bool = False
     names: list[str] = []
     wh: list[np.ndarray] = []
     index: list[np.ndarray] = []
-    results = map_files(read_voc_xml, [(f, images_dir) for f in files], workers=workers)
-    for i, (size, name, boxes, problems) in enumerate(progress_bar(results, desc="Reading XML", enabled=progress,
-                                                                    total=len(files), unit="file")):
-        names.append(name)
-        for kind, where, message in problems:
-            log.problem(kind, where, message)
-        if size is None:
-            continue
-        sizes[i] = size
-        wh.append(boxes)
-        index.append(np.full(len(boxes), i, dtype=np.int64))
+    with closing(map_files(read_voc_xml, [(f, images_dir) for f in files], workers=workers)) as results:
+        bar = progress_bar(results, desc="Reading XML", enabled=progress, total=len(files), unit="file")
+        for i, (size, name, boxes, problems) in enumerate(bar):
+            names.append(name)
+            for kind, where, message in problems:
+                log.problem(kind, where, message)
+            if size is None:
+                continue
+            sizes[i] = size
+            wh.append(boxes)
+            index.append(np.full(len(boxes), i, dtype=np.int64))
     log.warn()
     sizes = np.where(np.isfinite(sizes), sizes, 1.0)  # stand-in size: unreadable files keep no boxes
     return BoxSet(image_sizes=sizes, wh=np.concatenate(wh) if wh else np.zeros((0, 2)),

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import tempfile
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +25,10 @@ import yaml
 from lightning_autoanchor.boxes import BoxSet
 from lightning_autoanchor.errors import DataError
 from lightning_autoanchor.progress import progress_bar
-from lightning_autoanchor.sources._files import file_stats, map_files, read_yolo_label
+from lightning_autoanchor.sources._files import file_stats, read_yolo_label
 from lightning_autoanchor.sources._geometry import clip_to_image
 from lightning_autoanchor.sources._log import ReadLog
+from lightning_autoanchor.sources._workers import map_files
 
 IMAGE_SUFFIXES = (".bmp", ".dng", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp", ".pfm")
 CACHE_VERSION = 1
@@ -36,17 +38,37 @@ _PARALLEL_MIN_STATS = 50_000
 _IMAGES_DIR, _LABELS_DIR = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
 
 
-def _walk(root: str, suffixes: tuple[str, ...]) -> list[str]:
-    """Files under ``root`` (recursively) whose name ends in one of ``suffixes``, sorted."""
+def _walk(root: str, suffixes: tuple[str, ...], log: ReadLog) -> list[str]:
+    """Files under ``root`` (recursively) whose name ends in one of ``suffixes``, sorted.
+
+    Symbolic links to folders are followed, but no folder is listed twice (folders are told apart by
+    device and inode), so a link back up the tree ends the walk rather than looping. A folder that
+    cannot be listed is an ``unreadable_file`` problem.
+    """
     found: list[str] = []
+    seen: set[tuple[int, int]] = set()
     stack = [root]
     while stack:
-        with os.scandir(stack.pop()) as entries:
-            for entry in entries:
-                if entry.is_dir():
-                    stack.append(entry.path)
-                elif entry.name.lower().endswith(suffixes):
-                    found.append(entry.path)
+        folder = stack.pop()
+        try:
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda e: e.name, reverse=True)  # depth first, in name order
+        except OSError as err:
+            log.problem("unreadable_file", folder, f"cannot list the folder: {err.strerror or err}")
+            continue
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()
+            except OSError:  # e.g. a link to itself: not a folder; reading it says why
+                is_dir = False
+            if is_dir:
+                stack.append(entry.path)
+            elif entry.name.lower().endswith(suffixes):
+                found.append(entry.path)
     return sorted(found)
 
 
@@ -56,7 +78,7 @@ def label_path(image_path: str) -> str:
     return os.path.splitext(head + _LABELS_DIR + tail if images else image_path)[0] + ".txt"
 
 
-def _split_images(yaml_path: Path, split: str) -> list[str]:
+def _split_images(yaml_path: Path, split: str, log: ReadLog) -> list[str]:
     """Image paths of ``split`` in an Ultralytics dataset YAML."""
     try:
         config = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
@@ -76,9 +98,13 @@ def _split_images(yaml_path: Path, split: str) -> list[str]:
     for entry in entries:
         where = root / str(entry)
         if where.is_dir():
-            images.extend(_walk(str(where), IMAGE_SUFFIXES))
+            images.extend(_walk(str(where), IMAGE_SUFFIXES, log))
         elif where.is_file() and where.suffix == ".txt":
-            for line in where.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                listing = where.read_text(encoding="utf-8", errors="replace")
+            except OSError as err:
+                raise DataError(f"{yaml_path}: cannot read the '{split}' list {where}: {err.strerror or err}") from None
+            for line in listing.splitlines():
                 line = line.strip()
                 if line:
                     p = Path(line)
@@ -90,10 +116,10 @@ def _split_images(yaml_path: Path, split: str) -> list[str]:
     return images
 
 
-def _label_folder_pairs(labels_dir: Path) -> list[tuple[str, str | None]]:
+def _label_folder_pairs(labels_dir: Path, log: ReadLog) -> list[tuple[str, str | None]]:
     """(label file, image file) pairs of a folder of label files; images are looked up by name in the
     mirrored ``images`` folder and beside the labels."""
-    labels = [p for p in _walk(str(labels_dir), (".txt",)) if os.path.basename(p) != "classes.txt"]
+    labels = [p for p in _walk(str(labels_dir), (".txt",), log) if os.path.basename(p) != "classes.txt"]
     if not labels:
         raise DataError(f"{labels_dir}: no .txt label files found")
     search = [str(labels_dir)]
@@ -104,7 +130,7 @@ def _label_folder_pairs(labels_dir: Path) -> list[tuple[str, str | None]]:
     stems: dict[str, str] = {}
     for folder in reversed(search):
         if os.path.isdir(folder):
-            for p in _walk(folder, IMAGE_SUFFIXES):
+            for p in _walk(folder, IMAGE_SUFFIXES, log):
                 stems[os.path.splitext(os.path.relpath(p, folder))[0]] = p
     return [(lb, stems.get(os.path.splitext(os.path.relpath(lb, labels_dir))[0])) for lb in labels]
 
@@ -151,15 +177,20 @@ def _load_cache(path: Path, key: str) -> dict | None:
 
 
 def _save_cache(path: Path, **arrays: np.ndarray) -> None:
-    """Write atomically; a cache that cannot be written is not an error."""
+    """Write atomically; a cache that cannot be written is not an error, and leaves no temporary file."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
+    except OSError:
+        return
+    try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
         os.replace(tmp, path)
-    except OSError:
-        pass
+    except BaseException as err:
+        Path(tmp).unlink(missing_ok=True)
+        if not isinstance(err, OSError):
+            raise
 
 
 def read_yolo(path: str | Path, *, split: str = "train", strict: bool = False, cache: bool = True,
@@ -176,17 +207,17 @@ def read_yolo(path: str | Path, *, split: str = "train", strict: bool = False, c
         progress: show a progress bar on a terminal.
     """
     path = Path(path)
+    log = ReadLog(str(path), strict)  # problems found while listing files; those of reading them are cached
     if path.suffix.lower() in (".yaml", ".yml"):
-        pairs = [(label_path(im), im) for im in _split_images(path, split)]
+        pairs = [(label_path(im), im) for im in _split_images(path, split, log)]
         if not pairs:
             raise DataError(f"{path}: the '{split}' split lists no images")
     elif path.is_dir():  # a dataset folder holding labels/ (and images/) stands for all its labels
         nested = path / "labels"
-        pairs = _label_folder_pairs(nested if nested.is_dir() and path.name != "labels" else path)
+        pairs = _label_folder_pairs(nested if nested.is_dir() and path.name != "labels" else path, log)
         split = "labels"
     else:
         raise DataError(f"{path}: not a dataset YAML nor a folder of YOLO label files")
-    log = ReadLog(str(path), strict)
     key = _cache_key(pairs)
     cache_path = _cache_file(path, split, key)
     cached = _load_cache(cache_path, key) if cache and not strict else None
@@ -218,22 +249,22 @@ def _read_pairs(pairs: list[tuple[str, str | None]], log: ReadLog, workers: int 
     boxes: list[np.ndarray] = []
     index: list[np.ndarray] = []
     examples: dict[str, list[tuple[str, str]]] = {}  # the first few of each kind, kept for the cache
-    bar = progress_bar(map_files(read_yolo_label, pairs, workers=workers), desc="Reading labels",
-                       enabled=progress, total=len(pairs), unit="file")
-    for i, (size, file_boxes, problems) in enumerate(bar):
-        for kind, where, message in problems:
-            if where:
-                log.problem(kind, where, message)  # raises when strict
-                shown = examples.setdefault(kind, [])
-                if len(shown) < 3:
-                    shown.append((where, message))
-            else:
-                log.counts[kind] += 1
-        if size is None:
-            continue
-        sizes[i] = size
-        boxes.append(file_boxes)
-        index.append(np.full(len(file_boxes), i, dtype=np.int64))
+    with closing(map_files(read_yolo_label, pairs, workers=workers)) as results:
+        bar = progress_bar(results, desc="Reading labels", enabled=progress, total=len(pairs), unit="file")
+        for i, (size, file_boxes, problems) in enumerate(bar):
+            for kind, where, message in problems:
+                if where:
+                    log.problem(kind, where, message)  # raises when strict
+                    shown = examples.setdefault(kind, [])
+                    if len(shown) < 3:
+                        shown.append((where, message))
+                else:
+                    log.counts[kind] += 1
+            if size is None:
+                continue
+            sizes[i] = size
+            boxes.append(file_boxes)
+            index.append(np.full(len(file_boxes), i, dtype=np.int64))
     names = "\n".join((image or label) for label, image in pairs)
     return {
         "sizes": sizes,
