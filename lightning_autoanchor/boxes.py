@@ -8,6 +8,12 @@ that image, so it can be resized the way the training pipeline resizes images:
 ``"stretch"`` (darknet YOLOv2/v3, torchvision-style square resize)
     each image side is scaled to ``img_size``; with ``img_size=1`` boxes are normalised by image size.
 
+``img_size`` may also be a training size ``(W, H)`` that is not square. Then ``"letterbox"`` scales
+each image (``w x h`` pixels) by ``min(W / w, H / h)``: the largest size at which it fits in
+``W x H`` with its aspect ratio kept, padded to ``W x H`` (YOLOv5's ``letterbox(img, new_shape=(H, W))``
+with ``scaleup=True``, MMYOLO's ``LetterResize(scale=(W, H))``); a square ``(S, S)`` is the same as
+``S``. ``"stretch"`` scales the width by ``W / w`` and the height by ``H / h``.
+
 A :class:`BoxSet` holds NumPy arrays and this module loads torch only when a function returns a
 tensor, so the readers, which build box sets, run in processes that never import torch (the CLI
 reads in one while its main process imports torch).
@@ -27,6 +33,9 @@ from lightning_autoanchor.settings import Resize
 
 if TYPE_CHECKING:
     from torch import Tensor
+
+ImgSize = float | tuple[float, float]
+"""A square training size in pixels, or a training size ``(width, height)``."""
 
 MIN_FIT_SIZE = 2.0
 """The 2 px rule, as YOLOv5's AutoAnchor has it: boxes smaller than this (pixels at the training size)
@@ -126,22 +135,25 @@ class BoxSet:
         """Name of image ``i`` for messages: its file name when known, else its index."""
         return str(self.image_names[i]) if self.image_names else f"#{i}"
 
-    def image_scales(self, img_size: float, resize: Resize = "letterbox") -> np.ndarray:
-        """``(M, 2)`` factors from original image pixels to pixels at the training size."""
-        if not (np.isfinite(img_size) and img_size > 0):
-            raise ConfigError(f"img_size must be a positive number of pixels, got {img_size}")
+    def image_scales(self, img_size: ImgSize, resize: Resize = "letterbox") -> np.ndarray:
+        """``(M, 2)`` factors from original image pixels to pixels at the training size (see module doc)."""
+        width, height = training_size(img_size)
         if resize == "letterbox":
-            return np.repeat(img_size / self.image_sizes.max(axis=1, keepdims=True), 2, axis=1)
+            if width == height:
+                return np.repeat(width / self.image_sizes.max(axis=1, keepdims=True), 2, axis=1)
+            fit = np.minimum(width / self.image_sizes[:, :1], height / self.image_sizes[:, 1:])
+            return np.repeat(fit, 2, axis=1)
         if resize == "stretch":
-            return img_size / self.image_sizes
+            return np.array([width, height]) / self.image_sizes
         raise ConfigError(f"resize must be 'letterbox' or 'stretch', got {resize!r}")
 
-    def scaled(self, img_size: float, resize: Resize = "letterbox", scale_jitter: float = 0.0,
+    def scaled(self, img_size: ImgSize, resize: Resize = "letterbox", scale_jitter: float = 0.0,
                seed: int = 0) -> Tensor:
         """Box sizes as the network sees them.
 
         Args:
-            img_size: training image size (pixels; the longer side for ``"letterbox"``).
+            img_size: training image size (pixels; the longer side for ``"letterbox"``), or
+                ``(width, height)`` (see module doc).
             resize: ``"letterbox"`` or ``"stretch"`` (see module doc).
             scale_jitter: each image is further scaled by a factor drawn uniformly from
                 ``[1 - scale_jitter, 1 + scale_jitter]`` (YOLOv5's recall check uses 0.1). The factor
@@ -156,7 +168,7 @@ class BoxSet:
 
         return torch.from_numpy(self._scaled_array(img_size, resize, scale_jitter, seed))
 
-    def _scaled_array(self, img_size: float, resize: Resize, scale_jitter: float = 0.0, seed: int = 0) -> np.ndarray:
+    def _scaled_array(self, img_size: ImgSize, resize: Resize, scale_jitter: float = 0.0, seed: int = 0) -> np.ndarray:
         """:meth:`scaled` as an ``(N, 2)`` float32 NumPy array."""
         factors = self.image_scales(img_size, resize)
         if scale_jitter:
@@ -185,7 +197,7 @@ class BoxSet:
         mixed = _splitmix64(keys ^ _splitmix64(np.array([seed % (1 << 64)], dtype=np.uint64)))
         return (mixed >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
-    def small_boxes(self, img_size: float, resize: Resize = "letterbox",
+    def small_boxes(self, img_size: ImgSize, resize: Resize = "letterbox",
                     min_side: float = SMALL_BOX_SIZE) -> SmallBoxes:
         """Which boxes are under ``min_side`` pixels on either side at the training size."""
         wh = self._scaled_array(img_size, resize)
@@ -238,6 +250,23 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return x ^ (x >> np.uint64(31))
+
+
+def training_size(img_size: ImgSize) -> tuple[float, float]:
+    """``(width, height)`` of the training size ``img_size`` (a number: a square), checked.
+
+    Raises:
+        ConfigError: not one or two positive finite numbers of pixels.
+    """
+    sizes = tuple(img_size) if isinstance(img_size, Sequence | np.ndarray) else (img_size,)
+    try:
+        values = tuple(float(v) for v in sizes)
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) not in (1, 2) or not all(np.isfinite(v) and v > 0 for v in values):
+        raise ConfigError(f"img_size must be a positive number of pixels or a (width, height) pair of them, "
+                          f"got {img_size!r}")
+    return (values[0], values[-1])
 
 
 def fit_mask(wh: Tensor) -> Tensor:
