@@ -76,7 +76,8 @@ def build_parser() -> ArgumentParser:
                          help="keep each anchor's sqrt(w*h) at or above this multiple of its level's stride")
     compute.add_argument("--objective", type=Literal["fitness", "avg_iou"], default="fitness",
                          help="what the fit maximises: YOLOv5's fitness under --metric, or the average IoU")
-    compute.add_argument("--generations", type=int, default=1000, help="mutants the evolution scores (default 1000)")
+    compute.add_argument("--generations", type=int | None, default=None,
+                         help="mutants the evolution scores (default 1000; with a range of --n, per count: 200)")
     compute.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     compute.add_argument("--init", type=Literal["log", "iou", "euclidean"], default="log",
                          help="k-means for the starting anchors (default log)")
@@ -219,23 +220,22 @@ def _writing(path: str) -> Iterator[None]:
 
 
 def _level_settings(args: Namespace, n: int | None) -> tuple[tuple[int, ...] | int | None, list[float] | None]:
-    """``--levels`` checked against ``n`` (``None``: a range of counts), and ``--strides`` as numbers."""
-    levels = args.levels
-    if (isinstance(levels, int) and levels < 1) or (n is not None and n < 1):
-        raise ConfigError(f"--n and --levels must be at least 1, got {n} and {levels}")
-    if isinstance(levels, tuple) and n is not None and sum(levels) != n:
-        raise ConfigError(f"--levels {','.join(map(str, levels))} holds {sum(levels)} anchors, but --n is {n}")
-    if levels is None and args.strides is not None:
-        levels = len(args.strides.replace(",", " ").split())
-    if isinstance(levels, int) and n is not None and n % levels:
-        raise ConfigError(f"--n {n} anchors cannot be split evenly over --levels {levels}: give the anchors of "
-                          f"each level instead, e.g. --levels {','.join(map(str, _uneven(n, levels)))}")
+    """``--levels`` (one level per stride when only ``--strides`` is given) checked against ``n``
+    (``None``: a range of counts), and ``--strides`` as numbers."""
     strides = None
     if args.strides is not None:
         try:
             strides = [float(v) for v in args.strides.replace(",", " ").split()]
         except ValueError:
             raise ConfigError(f"--strides must be numbers, e.g. 8,16,32, got {args.strides!r}") from None
+    levels = len(strides) if args.levels is None and strides else args.levels
+    if (isinstance(levels, int) and levels < 1) or (n is not None and n < 1):
+        raise ConfigError(f"--n and --levels must be at least 1, got {n} and {levels}")
+    if isinstance(levels, tuple) and n is not None and sum(levels) != n:
+        raise ConfigError(f"--levels {','.join(map(str, levels))} holds {sum(levels)} anchors, but --n is {n}")
+    if isinstance(levels, int) and n is not None and n % levels:
+        raise ConfigError(f"--n {n} anchors cannot be split evenly over --levels {levels}: give the anchors of "
+                          f"each level instead, e.g. --levels {','.join(map(str, _uneven(n, levels)))}")
     return levels, strides
 
 
@@ -282,17 +282,19 @@ def run_compute(args: Namespace, reading: ForkedCall[BoxSet]) -> dict[str, Any]:
     box_set, wh, dropped = _load(args, reading)
     out: dict[str, Any] = {}
     notes: list[str] = []
+    curve = None
     if counts:
         curve = _run_counts(args, wh, counts, levels, strides)
+        result = curve.row(curve.recommended)
         out.update(recommended=curve.recommended, curve=curve.as_dict())
-        n = curve.recommended
         notes = _count_lines(curve)
-    if levels is None and strides is None:
-        levels = 3 if n % 3 == 0 else 1
-        notes.append(f"note: {n} anchors on {levels} level{'s' * (levels > 1)} (--levels not given: 3 levels "
-                     "when the count divides by 3, else 1)")
-    result = fit_anchors(wh, n, levels=levels, generations=args.generations, progress=not args.quiet,
-                         **_fit_options(args, strides))
+    else:
+        generations = 1000 if args.generations is None else args.generations
+        result = fit_anchors(wh, n, levels=levels, generations=generations, progress=not args.quiet,
+                             **_fit_options(args, strides))
+    if args.levels is None and args.strides is None:
+        notes.append(f"note: {result.n} anchors on {len(result.levels)} level{'s' * (len(result.levels) > 1)} "
+                     "(--levels not given: 3 levels when the count divides by 3, else 1)")
     level_lines, shares = _level_lines(wh, result, args.metric)
     out.update({**result.as_dict(), **_data_summary(args, box_set, dropped), "level_shares": shares})
     out["anchors"] = result.anchors.tolist()
@@ -304,7 +306,7 @@ def run_compute(args: Namespace, reading: ForkedCall[BoxSet]) -> dict[str, Any]:
             out["out"] = str(write_text_atomic(args.out, text))
     if args.plot:
         with _writing(args.plot):
-            out["plot"] = str(_plot(args, wh, result, curve if counts else None))
+            out["plot"] = str(_plot(args, wh, result, curve))
     if not args.json:
         _print_human(args, box_set, out, [*notes, *describe_scores(result.scores, result.thr, args.metric),
                                           *level_lines, f"fitted in {result.seconds:.2f} s (seed {args.seed})", "",
@@ -317,7 +319,7 @@ def run_compute(args: Namespace, reading: ForkedCall[BoxSet]) -> dict[str, Any]:
 
 def _run_counts(args: Namespace, wh: Any, counts: tuple[int, int], levels: Any, strides: list[float] | None) -> Any:
     """The anchor-count curve over ``counts`` (``--n auto`` or a range)."""
-    from lightning_autoanchor.anchor_count import fit_anchor_counts
+    from lightning_autoanchor.anchor_count import CURVE_GENERATIONS, fit_anchor_counts
 
     low, high = counts
     if not 1 <= low <= high:
@@ -330,8 +332,9 @@ def _run_counts(args: Namespace, wh: Any, counts: tuple[int, int], levels: Any, 
     if levels is None and args.min_stride_ratio is not None:
         raise ConfigError("--min-stride-ratio with a range of --n needs --levels (a number of levels), so that "
                           "every count is laid out over the same levels")
-    return fit_anchor_counts(wh, range(low, high + 1), levels=levels, progress=not args.quiet,
-                             **_fit_options(args, strides))
+    generations = CURVE_GENERATIONS if args.generations is None else args.generations
+    return fit_anchor_counts(wh, range(low, high + 1), levels=levels, generations=generations,
+                             progress=not args.quiet, **_fit_options(args, strides))
 
 
 def _count_lines(curve: Any) -> list[str]:
@@ -346,7 +349,7 @@ def _count_lines(curve: Any) -> list[str]:
     lines.append(f"recommended: {curve.recommended} anchors (*): the knee of the {curve.objective} curve, the count "
                  f"farthest above the line from the first count to the last on 0-1 scales (ties within "
                  f"{KNEE_TOLERANCE:g}: the smallest), with BPR >= {curve.min_bpr:g} where a count reaches it")
-    return [*lines, f"anchors of the recommended count, fitted in full ({curve.seconds:.2f} s for the curve):", ""]
+    return [*lines, f"curve fitted in {curve.seconds:.2f} s; the recommended count:", ""]
 
 
 def _plot(args: Namespace, wh: Any, result: Any, curve: Any) -> Any:
