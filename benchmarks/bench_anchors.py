@@ -14,6 +14,8 @@ Sections (``--sections``, default all; each in ``sections/<name>.py``):
 ``cli``    the whole ``lightning-autoanchor compute FILE --json`` process against YOLOv5's optimiser
 ``scale``  the whole process at 0.1M, 1M and 10M boxes: time and peak memory
 ``read``   ``read_yolo`` on a YOLO dataset of 100k images: first read, cached read, whole process
+``counts`` ``compute --n auto`` as a whole process, and each anchor count of the curve against a full fit
+``limits`` per-level size limits (``min_stride_ratio``): their cost, and against clipping a plain fit
 
 Synthetic sets are built from the real annotation files (``--data-dir``; see ``synthetic.py``),
 written to a temporary folder and deleted at the end. How processes are measured (peak RSS, waiting

@@ -449,12 +449,10 @@ class Bench:
         run = self.quiet.measure(cmd, env={**os.environ, "TQDM_DISABLE": "1"})
         return run.json(), run
 
-    def compute_cli(self, path: Path) -> tuple[dict[str, Any], Run]:
-        """The whole ``lightning-autoanchor compute PATH --json`` process."""
-        run = self.quiet.measure([*self.cli, "compute", str(path), "--json"])
+    def compute_cli(self, path: Path, *options: str) -> tuple[dict[str, Any], Run]:
+        """The whole ``lightning-autoanchor compute PATH --json [options]`` process."""
+        run = self.quiet.measure([*self.cli, "compute", str(path), "--json", *options])
         return run.json(), run
-
-    # -- sections -----------------------------------------------------------------------------------------------------
 
 
 # ---------------------------------------------------------------------------------------------------------------------

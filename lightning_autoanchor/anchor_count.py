@@ -14,14 +14,16 @@ The knee rule
     (gains that do not diminish), the largest count is recommended; when the curve is flat (it
     spans less than :data:`FLAT_CURVE`), the smallest. Then, if the count found leaves BPR under
     ``min_bpr`` (0.98) while a larger count reaches it, the smallest such larger count is taken.
+    The rule is a few lines here rather than the ``kneed`` package's ``KneeLocator``: that would add a
+    dependency for one subtraction per count, and the tie and BPR rules would still be ours.
 
 Speed
     Each count is searched from two starts: one k-means solution and the fit of the previous count
-    with anchors added where the boxes are worst served; by default without evolution
-    (``generations=0``): the coordinate search does nearly all the work. The summaries of the boxes
-    are built once for all counts. On COCO val2017 (36k boxes) this takes about 0.8 s for counts
-    3-15 against 1.4 s for full fits, and every count's fitness is within 0.001 of a full fit's
-    (``benchmarks/bench_anchors.py --sections counts`` prints both).
+    with anchors added where the boxes are worst served, with :data:`CURVE_GENERATIONS` mutants
+    (a full fit: four k-means starts, 1000 mutants); the coordinate search does most of the work.
+    The summaries of the boxes are built once for all counts. On COCO val2017 (36k boxes) this
+    takes about 0.75 s for counts 3-15 against 1.4 s for full fits, and every count's fitness is
+    within 0.001 of a full fit's (``benchmarks/bench_anchors.py --sections counts`` prints both).
 """
 
 from __future__ import annotations
@@ -39,18 +41,25 @@ from lightning_autoanchor.boxes import MIN_FIT_SIZE
 from lightning_autoanchor.clustering import KMeansInit
 from lightning_autoanchor.errors import AnchorFitError, ConfigError
 from lightning_autoanchor.evolution import LogSpaceFitness
-from lightning_autoanchor.levels import level_strides, size_floor
-from lightning_autoanchor.metrics import AnchorScores, score_anchors
-from lightning_autoanchor.optimizer import prepare_boxes, search, sort_by_area, summarise
+from lightning_autoanchor.levels import level_counts, level_strides, size_floor
+from lightning_autoanchor.metrics import score_anchors
+from lightning_autoanchor.optimizer import (
+    AnchorResult,
+    prepare_boxes,
+    search,
+    single_thread,
+    sort_by_area,
+    summarise,
+)
 from lightning_autoanchor.progress import progress_bar
 from lightning_autoanchor.settings import AnchorSettings, Metric, Objective
 
 __all__ = [
+    "CURVE_GENERATIONS",
     "DEFAULT_COUNTS",
     "FLAT_CURVE",
     "KNEE_TOLERANCE",
     "AnchorCountResult",
-    "CountRow",
     "fit_anchor_counts",
     "recommend_count",
 ]
@@ -61,27 +70,10 @@ KNEE_TOLERANCE = 0.01
 """Counts whose distance above the chord is within this (on the 0-1 scales) of the largest tie; the smallest wins."""
 FLAT_CURVE = 1e-4
 """A curve whose objective spans less than this recommends the smallest count."""
-
-
-@dataclass(frozen=True)
-class CountRow:
-    """One anchor count of the curve.
-
-    Attributes:
-        n: number of anchors.
-        anchors: ``(n, 2)`` pixels at the training size, sorted by area.
-        scores: exact scores on every box (see :class:`~lightning_autoanchor.metrics.AnchorScores`).
-        value: the objective fitted (``scores.fitness`` or ``scores.avg_iou``).
-    """
-
-    n: int
-    anchors: Tensor
-    scores: AnchorScores
-    value: float
-
-    def as_dict(self) -> dict[str, object]:
-        return {"n": self.n, **self.scores.as_dict(), "objective_value": self.value,
-                "anchors": [[round(float(w), 2), round(float(h), 2)] for w, h in self.anchors.tolist()]}
+CURVE_GENERATIONS = 200
+"""Mutants of the evolution per count of the curve (200: the largest counts' fitness gap to a full fit
+falls from 0.0014 to 0.0004 on COCO val2017, at the same speed: the evolution's moves save the
+coordinate search steps)."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +81,7 @@ class AnchorCountResult:
     """The curve of anchor counts and the recommended count.
 
     Attributes:
-        rows: one :class:`CountRow` per count, in increasing order.
+        rows: the fit of each count, in increasing order (``rows[i].objective_value`` is the curve).
         recommended: the count the knee rule picks (see the module doc).
         objective, metric, thr: what was fitted and how boxes match.
         levels: the number of levels the counts are multiples of (``None``: any count).
@@ -97,7 +89,7 @@ class AnchorCountResult:
         seconds: wall time.
     """
 
-    rows: tuple[CountRow, ...]
+    rows: tuple[AnchorResult, ...]
     recommended: int
     objective: Objective
     metric: Metric
@@ -106,12 +98,16 @@ class AnchorCountResult:
     min_bpr: float
     seconds: float = field(compare=False)
 
-    def row(self, n: int) -> CountRow:
+    def row(self, n: int) -> AnchorResult:
         """The row of count ``n`` (``KeyError`` when ``n`` was not fitted)."""
         for row in self.rows:
             if row.n == n:
                 return row
         raise KeyError(n)
+
+    @property
+    def counts(self) -> list[int]:
+        return [row.n for row in self.rows]
 
     @property
     def step(self) -> int:
@@ -128,13 +124,17 @@ class AnchorCountResult:
             return None
         best = self.row(self.recommended)
         have = next((r for r in self.rows if r.n == current), None)
-        scores = (f" ({self.objective} {have.value:.4f} against {best.value:.4f})" if have is not None
+        scores = (f" ({self.objective} {have.objective_value:.4f} against {best.objective_value:.4f})"
+                  if have is not None
                   else f" ({current} is outside the counts tried, {self.rows[0].n}-{self.rows[-1].n})")
         return (f"the head has {current} anchors; on these boxes {self.recommended} is the knee of the "
                 f"{self.objective} curve{scores}: consider {self.recommended} anchors for the next model")
 
     def as_dict(self) -> dict[str, object]:
-        return {"counts": [r.as_dict() for r in self.rows], "recommended": self.recommended,
+        rows = [{"n": r.n, **r.scores.as_dict(), "levels": list(r.levels),
+                 "anchors": [[round(float(w), 2), round(float(h), 2)] for w, h in r.anchors.tolist()]}
+                for r in self.rows]
+        return {"counts": rows, "recommended": self.recommended,
                 "objective": self.objective, "metric": self.metric, "thr": self.thr, "levels": self.levels,
                 "min_bpr": self.min_bpr, "seconds": round(self.seconds, 4)}
 
@@ -204,8 +204,8 @@ def fit_anchor_counts(wh: Tensor, counts: Sequence[int] | None = None, settings:
         wh: ``(N, 2)`` box widths and heights in pixels at the training size.
         counts: anchor counts to try (default 3-15); with ``levels``, only their multiples of it.
         settings: as for :func:`~lightning_autoanchor.optimizer.fit_anchors` (``options`` change its
-            fields); ``generations`` are the evolution's mutants per count (without ``settings``: 0,
-            coordinate search only), ``bpr_threshold`` the BPR the recommended count should reach
+            fields); ``generations`` are the evolution's mutants per count (without ``settings``:
+            :data:`CURVE_GENERATIONS`), ``bpr_threshold`` the BPR the recommended count should reach
             (see :func:`recommend_count`), ``min_stride_ratio`` needs ``levels``.
         levels: number of detection levels sharing each count equally (``None``: any count).
         strides: pixels per cell of each level, for ``min_stride_ratio``.
@@ -217,10 +217,12 @@ def fit_anchor_counts(wh: Tensor, counts: Sequence[int] | None = None, settings:
         AnchorFitError: no usable boxes, or fewer boxes than the largest count.
     """
     started = time.perf_counter()
-    settings = AnchorSettings.of(settings if settings is not None else AnchorSettings(generations=0), **options)
+    settings = AnchorSettings.of(settings if settings is not None else AnchorSettings(generations=CURVE_GENERATIONS),
+                                 **options)
     tried = _counts(counts, levels)
     metric, thr, objective = settings.metric, float(settings.thr), settings.objective  # type: ignore[arg-type]
-    min_stride_ratio, min_bpr = settings.min_stride_ratio, settings.bpr_threshold
+    min_stride_ratio, min_bpr, seed = settings.min_stride_ratio, settings.bpr_threshold, settings.seed
+    generations, mutation_prob, sigma = settings.generations, settings.mutation_prob, settings.sigma
     if isinstance(population, bool) or not isinstance(population, int) or population < 1:
         raise ConfigError(f"population must be an integer >= 1, got {population!r}")
     if min_stride_ratio is not None and levels is None:
@@ -233,19 +235,25 @@ def fit_anchor_counts(wh: Tensor, counts: Sequence[int] | None = None, settings:
         raise AnchorFitError(f"cannot fit up to {tried[-1]} anchors to {len(wh)} boxes"
                              + (f" ({n_dropped} under {MIN_FIT_SIZE:g} px left out)" if n_dropped else ""))
     summaries = summarise(wh, metric=metric, thr=thr, objective=objective)
-    generator = torch.Generator().manual_seed(settings.seed)
-    rows: list[CountRow] = []
+    generator = torch.Generator().manual_seed(seed)
+    rows: list[AnchorResult] = []
     previous: Tensor | None = None
     for n in progress_bar(tried, desc="Fitting anchor counts", enabled=progress):
-        floor = None if min_stride_ratio is None else size_floor((n // levels,) * levels, min_stride_ratio, strides)
+        started_n = time.perf_counter()
+        counts_n = level_counts(n, levels)
+        floor = None if min_stride_ratio is None else size_floor(counts_n, min_stride_ratio, strides)
         warm = None if previous is None else _add_anchors(summaries.rough, previous, n - len(previous))[None]
         best = search(summaries, n, generator=generator, init=init, starts=1, extra_starts=warm,
-                      generations=settings.generations, mutation_prob=settings.mutation_prob, sigma=settings.sigma,
-                      population=population, floor=floor)
+                      generations=generations, mutation_prob=mutation_prob, sigma=sigma, population=population,
+                      floor=floor)
         previous = best
         anchors = sort_by_area(best.exp())
-        scores = score_anchors(wh, anchors.to(wh.device), thr, metric)
-        rows.append(CountRow(n, anchors, scores, scores.avg_iou if objective == "avg_iou" else scores.fitness))
-    recommended = recommend_count([r.n for r in rows], [r.value for r in rows], [r.scores.bpr for r in rows], min_bpr)
+        with single_thread():  # short calls in a row: a thread pool's start-up and waits cost more than it saves
+            scores = score_anchors(wh, anchors.to(wh.device), thr, metric)
+        rows.append(AnchorResult(anchors, scores, n_dropped, metric, thr, seed, generations,
+                                 time.perf_counter() - started_n, objective, counts_n,
+                                 level_strides(counts_n, strides), min_stride_ratio))
+    recommended = recommend_count([r.n for r in rows], [r.objective_value for r in rows],
+                                  [r.scores.bpr for r in rows], min_bpr)
     return AnchorCountResult(tuple(rows), recommended, objective, metric, thr, levels, min_bpr,
                              time.perf_counter() - started)

@@ -88,6 +88,16 @@ class AnchorResult:
     strides: tuple[float, ...] = ()
     min_stride_ratio: float | None = None
 
+    @property
+    def n(self) -> int:
+        """Number of anchors."""
+        return len(self.anchors)
+
+    @property
+    def objective_value(self) -> float:
+        """The value of the objective fitted: ``scores.avg_iou`` or ``scores.fitness``."""
+        return self.scores.avg_iou if self.objective == "avg_iou" else self.scores.fitness
+
     def as_dict(self) -> dict[str, object]:
         """Plain-Python summary (anchors as ``[[w, h], ...]``) for JSON, YAML and checkpoints."""
         return {

@@ -261,17 +261,17 @@ def plot_anchor_counts(result: AnchorCountResult, path: str | os.PathLike[str], 
         from matplotlib.figure import Figure
     except ImportError as err:
         raise ConfigError("plots need matplotlib: pip install 'lightning-autoanchor[plot]'") from err
-    counts = [r.n for r in result.rows]
+    counts, values = result.counts, [r.objective_value for r in result.rows]
     fig = Figure(figsize=(7, 4.5), dpi=110)
     ax = fig.add_subplot()
-    ax.plot(counts, [r.value for r in result.rows], "o-", color="crimson", label=result.objective)
-    ax.plot([counts[0], counts[-1]], [result.rows[0].value, result.rows[-1].value], color="crimson", lw=0.6,
-            ls="--", alpha=0.5, label="chord of the knee rule")
+    ax.plot(counts, values, "o-", color="crimson", label=result.objective)
+    ax.plot([counts[0], counts[-1]], [values[0], values[-1]], color="crimson", lw=0.6, ls="--", alpha=0.5,
+            label="chord of the knee rule")
     if result.objective != "avg_iou":
         ax.plot(counts, [r.scores.avg_iou for r in result.rows], "s--", color="0.4", ms=4, label="avg_iou")
     ax.plot(counts, [r.scores.bpr for r in result.rows], "^:", color="tab:blue", ms=4, label="BPR")
     ax.axvline(result.recommended, color="crimson", lw=0.8, alpha=0.6)
-    ax.annotate(f"recommended: {result.recommended}", (result.recommended, result.row(result.recommended).value),
+    ax.annotate(f"recommended: {result.recommended}", (result.recommended, values[counts.index(result.recommended)]),
                 xytext=(8, -16), textcoords="offset points", color="crimson")
     ax.set(xlabel="anchors", ylabel="score", xticks=counts, title=title or "Anchor count")
     ax.grid(alpha=0.3)

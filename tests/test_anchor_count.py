@@ -75,15 +75,16 @@ def test_bad_curves_are_refused(counts: list[int], values: list[float]) -> None:
 def test_curve_on_voc2007_matches_full_fits(voc2007: BoxSet, voc_curve: AnchorCountResult) -> None:
     wh = voc2007.scaled(640)
     assert [r.n for r in voc_curve.rows] == list(range(3, 13))
-    assert voc_curve.recommended == recommend_count([r.n for r in voc_curve.rows], [r.value for r in voc_curve.rows],
-                                                    [r.scores.bpr for r in voc_curve.rows])
+    rows = voc_curve.rows
+    assert voc_curve.recommended == recommend_count(voc_curve.counts, [r.objective_value for r in rows],
+                                                    [r.scores.bpr for r in rows])
     assert 5 <= voc_curve.recommended <= 9
     for a, b in zip(voc_curve.rows, voc_curve.rows[1:], strict=False):
-        assert b.value > a.value, "each anchor more fits better"
+        assert b.objective_value > a.objective_value, "each anchor more fits better"
     for n in (3, 7, 12):
         row = voc_curve.row(n)
-        assert row.anchors.shape == (n, 2) and row.value == row.scores.fitness
-        assert row.value >= fit_anchors(wh, n).scores.fitness - 0.002
+        assert row.anchors.shape == (n, 2) and row.objective_value == row.scores.fitness
+        assert row.objective_value >= fit_anchors(wh, n).scores.fitness - 0.002
 
 
 def test_advice_only_when_far_from_the_recommended_count(voc_curve: AnchorCountResult) -> None:
@@ -106,7 +107,7 @@ def test_levels_limit_counts_to_multiples_and_keep_the_limits(voc2007: BoxSet) -
 
 def test_avg_iou_objective_curve(voc2007: BoxSet) -> None:
     curve = fit_anchor_counts(voc2007.scaled(640), [4, 5, 6], objective="avg_iou")
-    assert curve.objective == "avg_iou" and all(r.value == r.scores.avg_iou for r in curve.rows)
+    assert curve.objective == "avg_iou" and all(r.objective_value == r.scores.avg_iou for r in curve.rows)
 
 
 def test_same_seed_same_curve(voc2007: BoxSet) -> None:

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
-from sections import check, cli, read, scale, speed
+from sections import check, cli, counts, limits, read, scale, speed
 
 __all__ = ["SECTIONS"]
 
-SECTIONS = {"speed": speed, "check": check, "cli": cli, "scale": scale, "read": read}
+SECTIONS = {"speed": speed, "check": check, "cli": cli, "scale": scale, "read": read, "counts": counts,
+            "limits": limits}
