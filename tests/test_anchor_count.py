@@ -122,7 +122,7 @@ def test_same_seed_same_curve(voc2007: BoxSet) -> None:
     ({"levels": (3, 3, 4)}, "levels must be a positive number of levels"),
     ({"min_stride_ratio": 1.0}, "needs levels"),
     ({"objective": "iou"}, "objective must be one of"),
-    ({"min_bpr": 2.0}, "min_bpr must be in"),
+    ({"bpr_threshold": 2.0}, "bpr_threshold must be a number in"),
 ])
 def test_bad_settings_are_refused_by_name(voc2007: BoxSet, kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
