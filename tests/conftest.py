@@ -10,6 +10,8 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -248,3 +250,33 @@ def read_clean(read: Callable[..., BoxSet], *args: Any, **kwargs: Any) -> BoxSet
     box_set, messages = read_warned(read, *args, **kwargs)
     assert messages == {}
     return box_set
+
+
+_READ_ELSEWHERE = """
+import json, sys, warnings
+from lightning_autoanchor import sources
+from lightning_autoanchor.errors import DataError
+reader, path, kwargs = json.loads(sys.argv[1])
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    try:
+        box_set = getattr(sources, reader)(path, **kwargs)
+    except DataError as err:
+        print(json.dumps({"error": str(err)}))
+        sys.exit()
+print(json.dumps({"n_images": box_set.num_images, "n_boxes": len(box_set), "skipped": dict(box_set.skipped),
+                  "names": list(box_set.image_names), "warnings": [str(w.message) for w in caught]}))
+"""
+
+
+def read_elsewhere(reader: str, path: Path, timeout: float = 60, **kwargs: Any) -> dict[str, Any]:
+    """``reader(path, **kwargs)`` (a reader of ``lightning_autoanchor.sources``, by name) run in a fresh Python
+    process, so that a read that hangs fails the test after ``timeout`` seconds instead of stalling it.
+
+    Returns the image and box counts, the skips, the image names and the warnings' messages; or, for a
+    ``DataError``, ``{"error": message}``. Anything else the reader raises fails the test.
+    """
+    proc = subprocess.run([sys.executable, "-c", _READ_ELSEWHERE, json.dumps([reader, str(path), kwargs])],
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    return json.loads(proc.stdout)
