@@ -18,20 +18,20 @@ from __future__ import annotations
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lightning_autoanchor.errors import ConfigError, DataError
+from lightning_autoanchor.settings import Resize
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-Resize = Literal["letterbox", "stretch"]
-
 MIN_FIT_SIZE = 2.0
-"""Boxes smaller than this (pixels at the training size) on both sides are left out of fitting and
-scoring, as YOLOv5's AutoAnchor does: no anchor can be learned for them."""
+"""The 2 px rule, as YOLOv5's AutoAnchor has it: boxes smaller than this (pixels at the training size)
+on both sides are left out of fitting and scoring (no anchor can be learned for them), and no fitted
+anchor side is smaller."""
 
 _MAX_DENSE_CELLS = 1 << 24
 

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from jsonargparse import ArgumentParser, Namespace
 
     from lightning_autoanchor.boxes import BoxSet
+    from lightning_autoanchor.settings import AnchorSettings
 
 __all__ = ["PROG", "build_parser", "console_main", "main", "parse_anchors"]
 
@@ -122,8 +123,23 @@ def _device(name: str) -> Any:
     return device
 
 
+def _settings(args: Namespace) -> AnchorSettings:
+    """The command's settings, validated as the callback's are (a bad value names its option)."""
+    from lightning_autoanchor.errors import ConfigError
+    from lightning_autoanchor.settings import AnchorSettings
+
+    given = {name: args[name] for name in ("img_size", "resize", "metric", "thr", "bpr_threshold", "generations",
+                                           "seed") if name in args}
+    try:
+        return AnchorSettings(**given)
+    except ConfigError as err:
+        name = str(err).split(" ", 1)[0]
+        raise ConfigError(f"--{name.replace('_', '-')}{str(err)[len(name):]}") from None
+
+
 def _load(args: Namespace, device: Any) -> tuple[BoxSet, Any, int]:
     """DATA's boxes sized for training: (box set, kept wh on ``device``, number left out)."""
+    from lightning_autoanchor.boxes import MIN_FIT_SIZE
     from lightning_autoanchor.errors import ConfigError
     from lightning_autoanchor.optimizer import prepare_boxes
     from lightning_autoanchor.sources import load_boxes
@@ -133,7 +149,7 @@ def _load(args: Namespace, device: Any) -> tuple[BoxSet, Any, int]:
         raise ConfigError(f"{args.data}: no boxes to work with")
     wh, dropped = prepare_boxes(box_set.scaled(args.img_size, args.resize).to(device))
     if len(wh) == 0:
-        raise ConfigError(f"{args.data}: every box is under 2 px at img_size {args.img_size:g}")
+        raise ConfigError(f"{args.data}: every box is under {MIN_FIT_SIZE:g} px at img_size {args.img_size:g}")
     return box_set, wh, dropped
 
 
@@ -156,9 +172,11 @@ def _data_summary(args: Namespace, box_set: Any, dropped: int) -> dict[str, Any]
 
 
 def _print_human(args: Namespace, box_set: Any, summary: dict[str, Any], lines: list[str]) -> None:
+    from lightning_autoanchor.boxes import MIN_FIT_SIZE
+
     small = box_set.small_boxes(args.img_size, args.resize)
     print(f"{args.data}: {len(box_set):,} boxes in {box_set.num_images:,} images, at img_size {args.img_size:g} "
-          f"({args.resize}); {summary['n_dropped']:,} under 2 px left out")
+          f"({args.resize}); {summary['n_dropped']:,} under {MIN_FIT_SIZE:g} px left out")
     if small.count:
         print(f"note: {small.describe(max_images=10 if args.list_small else 0)}"
               + ("" if args.list_small else " (--list-small names them)"))
@@ -167,14 +185,12 @@ def _print_human(args: Namespace, box_set: Any, summary: dict[str, Any], lines: 
 
 
 def run_check(args: Namespace) -> dict[str, Any]:
-    from lightning_autoanchor.errors import ConfigError
-    from lightning_autoanchor.metrics import DEFAULT_THR, score_anchors
+    from lightning_autoanchor.metrics import score_anchors
     from lightning_autoanchor.reporting import describe_scores
 
+    settings = _settings(args)
     anchors = parse_anchors(args.anchors)
-    if not 0.0 <= args.bpr_threshold <= 1.0:
-        raise ConfigError(f"--bpr-threshold must be in [0, 1], got {args.bpr_threshold}")
-    thr = DEFAULT_THR[args.metric] if args.thr is None else args.thr
+    thr = settings.thr
     box_set, wh, dropped = _load(args, _device(args.device))
     scores = score_anchors(wh, anchors.to(wh.device), thr, args.metric)
     fits = scores.bpr >= args.bpr_threshold
@@ -229,9 +245,9 @@ def run_compute(args: Namespace) -> dict[str, Any]:
                           f"--n and --levels must be at least 1, got {args.n} and {levels}")
     if args.n % levels:
         raise ConfigError(f"--n {args.n} anchors cannot be split evenly over --levels {levels}")
+    settings = _settings(args)
     box_set, wh, dropped = _load(args, _device(args.device))
-    result = fit_anchors(wh, args.n, thr=args.thr, metric=args.metric, generations=args.generations,
-                         seed=args.seed, init=args.init, progress=not args.quiet)
+    result = fit_anchors(wh, args.n, settings, init=args.init, progress=not args.quiet)
     out = {**result.as_dict(), "levels": levels, **_data_summary(args, box_set, dropped)}
     out["anchors"] = result.anchors.tolist()
     text = anchors_yaml(result.anchors, levels,

@@ -19,11 +19,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from lightning_autoanchor.metrics import Metric, match_cut
+from lightning_autoanchor.boxes import MIN_FIT_SIZE
+from lightning_autoanchor.metrics import match_cut
 from lightning_autoanchor.progress import progress_bar
-
-MIN_ANCHOR_SIZE = 2.0
-"""Smallest anchor side the search produces (pixels), as YOLOv5's evolution."""
+from lightning_autoanchor.settings import Metric
 
 
 def _ratio_quality(du: Tensor, dv: Tensor) -> Tensor:
@@ -79,7 +78,7 @@ def evolve(fitness: LogSpaceFitness, anchors: Tensor, *, generations: int = 1000
 
     Each mutant multiplies every anchor side, with probability ``mutation_prob``, by
     ``1 + sigma * u * N(0, 1)`` clipped to ``[0.3, 3]`` (``u ~ U(0, 1)`` drawn once per mutant); at
-    least one side changes, and sides stay at least :data:`MIN_ANCHOR_SIZE` pixels. ``generations``
+    least one side changes, and sides stay at least :data:`MIN_FIT_SIZE` pixels. ``generations``
     mutants are scored in all, ``population`` of the current parent at a time, and the fittest of
     those replaces the parent when it is fitter: ``population=1`` is exactly YOLOv5's (1+1) scheme,
     larger values a (1+λ) scheme that scores the same number of mutants in fewer, batched passes.
@@ -92,7 +91,7 @@ def evolve(fitness: LogSpaceFitness, anchors: Tensor, *, generations: int = 1000
     Returns:
         Log anchor sizes shaped like ``anchors``, never less fit.
     """
-    min_log = math.log(MIN_ANCHOR_SIZE)
+    min_log = math.log(MIN_FIT_SIZE)
     parents = anchors[None] if anchors.ndim == 2 else anchors
     parent_fitness = fitness(parents)  # (S,)
     n_parents = len(parents)
@@ -149,7 +148,7 @@ def refine(fitness: LogSpaceFitness, anchors: Tensor, *, step: float = 0.1, min_
     n_starts, k, _ = batch.shape
     directions = _DIRECTIONS.to(batch.device)
     anchor_ids = torch.arange(k, device=batch.device)[None, :, None]
-    min_log = math.log(MIN_ANCHOR_SIZE)
+    min_log = math.log(MIN_FIT_SIZE)
     points, weights, cut = fitness.points, fitness.weights, fitness.cut
     steps = torch.full((n_starts,), float(step), device=batch.device)
     raw = fitness.raw_quality(batch)  # (S, K, B)

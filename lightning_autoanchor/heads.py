@@ -12,14 +12,29 @@ LightningModule that returns adapters (the first is read, all are written).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from lightning_autoanchor.errors import HeadError
+
+__all__ = [
+    "READBACK_RTOL",
+    "AnchorHead",
+    "Heads",
+    "YoloAnchors",
+    "anchors_match",
+    "find_heads",
+    "is_yolo_head",
+    "write_all",
+]
+
+READBACK_RTOL = 2.0**-7
+"""Relative tolerance of anchors read back after a write (or compared on resume): the precision of
+bfloat16, the coarsest floating dtype a head keeps its anchors in."""
 
 
 class AnchorHead(Protocol):
@@ -52,6 +67,10 @@ class YoloAnchors:
         if not is_yolo_head(module):
             raise HeadError(f"{type(module).__name__} has no 'anchors' buffer of shape (levels, anchors, 2) with a "
                             "'stride' tensor of shape (levels,)")
+        dtype = module.anchors.dtype  # type: ignore[union-attr]
+        if not dtype.is_floating_point:
+            raise HeadError(f"{type(module).__name__}: its 'anchors' buffer is {dtype}: anchors in stride units are "
+                            "fractions, which an integer buffer would truncate; make it a floating-point buffer")
         self.module = module
 
     @property
@@ -100,6 +119,9 @@ class Heads:
 
     adapters: list[AnchorHead]
     names: list[str]
+    unwritten: list[str] = field(default_factory=list)
+    """Paths of what look like copies of the primary head but are not among these (for a warning):
+    heads inside an EMA or averaged model, and heads holding the same anchors."""
 
     @property
     def primary(self) -> AnchorHead:
@@ -109,16 +131,48 @@ class Heads:
         return [a.module if isinstance(a, YoloAnchors) else a for a in self.adapters]  # type: ignore[misc]
 
 
-def _inside_averaged_model(root: nn.Module, path: str) -> bool:
-    """Whether the submodule at ``path`` lies inside a ``torch.optim.swa_utils.AveragedModel`` (an EMA copy)."""
+def _resolve(root: object, path: str) -> Any:
+    """The object at dotted ``path`` below ``root``, through submodules and plain attributes alike
+    (YOLOv5's ``ModelEMA`` is a plain object holding the averaged model in ``.ema``)."""
+    obj = root
+    for part in path.split(".") if path else []:
+        obj = obj.get_submodule(part) if isinstance(obj, nn.Module) and part in obj._modules else getattr(obj, part)
+    return obj
+
+
+def _plain_holders(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Modules held by plain (non-module) attributes of ``root`` or one object deeper, with their paths:
+    where EMA helpers such as YOLOv5's ``ModelEMA`` keep their model."""
+    for name, value in vars(root).items():
+        if name.startswith("_") or isinstance(value, nn.Module | Tensor) or not hasattr(value, "__dict__"):
+            continue
+        if isinstance(value, type):
+            continue
+        for inner, module in vars(value).items():
+            if isinstance(module, nn.Module) and not inner.startswith("_"):
+                yield f"{name}.{inner}", module
+
+
+def _head_paths(model: nn.Module) -> tuple[list[str], list[str]]:
+    """Paths of head-like modules: those of the model itself, and copies (inside a
+    ``torch.optim.swa_utils.AveragedModel``, or held by a plain attribute such as ``ModelEMA.ema``)."""
     from torch.optim.swa_utils import AveragedModel
 
-    module = root
-    for part in path.split(".")[:-1] if path else []:
-        module = getattr(module, part)
+    own, copies = [], []
+    averaged: list[str] = []
+    for name, module in model.named_modules():
         if isinstance(module, AveragedModel):
-            return True
-    return False
+            averaged.append(name + ".")
+        if _is_head_like(module):
+            inside_copy = any(name.startswith(prefix) for prefix in averaged)
+            (copies if inside_copy else own).append(name)
+    for base, holder in _plain_holders(model):
+        copies += [f"{base}.{name}" if name else base for name, m in holder.named_modules() if _is_head_like(m)]
+    return own, copies
+
+
+def _is_head_like(module: nn.Module) -> bool:
+    return is_yolo_head(module) or implements_protocol(module)
 
 
 def find_heads(model: nn.Module, names: str | Sequence[str] | None = None) -> Heads:
@@ -126,92 +180,73 @@ def find_heads(model: nn.Module, names: str | Sequence[str] | None = None) -> He
 
     Args:
         model: usually the LightningModule.
-        names: dotted module paths (``"model.head"``), the first one read and all written; ``None``
-            to search: ``model.autoanchor_heads()`` if defined, else every submodule that is a
+        names: dotted paths (``"model.head"``; plain attributes count too, as in
+            ``"ema.ema.model.24"``), the first one read and all written; ``None`` to search:
+            ``model.autoanchor_heads()`` if defined, else every submodule that is an
             :class:`AnchorHead` or a YOLOv5-style head. Exactly one must be found, not counting
-            copies inside a ``torch.optim.swa_utils.AveragedModel`` (EMA), which are written too.
+            copies (inside a ``torch.optim.swa_utils.AveragedModel``, or held by a plain attribute
+            such as YOLOv5's ``ModelEMA``), which are written too.
 
     Raises:
         HeadError: nothing found, several candidates, or a named module is missing or not a head.
     """
     if isinstance(names, str):
         names = [names]
+    own, copies = _head_paths(model)
     if names:
         adapters = []
         for name in names:
             try:
-                module = model.get_submodule(name)
+                module = _resolve(model, name)
             except AttributeError:
                 raise HeadError(f"head {name!r} not found in {type(model).__name__}; candidates: "
-                                f"{_candidate_names(model) or 'none'}") from None
+                                f"{own + copies or 'none'}") from None
             try:
                 adapters.append(as_adapter(module))
             except HeadError as err:
                 raise HeadError(f"head {name!r}: {err}") from None
-        return Heads(adapters, list(names))
+        primary = adapters[0].read_anchors()
+        unwritten = [n for n in copies if n not in names] + [
+            n for n in own if n not in names and anchors_match(as_adapter(_resolve(model, n)).read_anchors(), primary)]
+        return Heads(adapters, list(names), unwritten=unwritten)
     custom = getattr(model, "autoanchor_heads", None)
     if callable(custom):
-        adapters = list(custom())
-        if not adapters:
-            raise HeadError(f"{type(model).__name__}.autoanchor_heads() returned no heads")
-        return Heads(adapters, [f"autoanchor_heads()[{i}]" for i in range(len(adapters))])
-    found = _candidate_names(model)
-    primary = [n for n in found if not _inside_averaged_model(model, n)]
-    if len(primary) != 1:
+        found = custom()
+        if not isinstance(found, list | tuple) or not found:
+            raise HeadError(f"{type(model).__name__}.autoanchor_heads() must return a non-empty list of heads "
+                            f"(objects with read_anchors(), write_anchors() and strides), got {found!r}")
+        for i, adapter in enumerate(found):
+            if not implements_protocol(adapter) and not (isinstance(adapter, nn.Module) and is_yolo_head(adapter)):
+                raise HeadError(f"{type(model).__name__}.autoanchor_heads()[{i}] is a {type(adapter).__name__}, "
+                                "not a head: it needs read_anchors(), write_anchors() and strides (see AnchorHead)")
+        return Heads([as_adapter(a) for a in found], [f"autoanchor_heads()[{i}]" for i in range(len(found))])
+    if len(own) != 1:
         how = ("set AutoAnchor(head=...) to the module path(s) of the detection head(s), e.g. head='model.head' "
                "(a list writes the same anchors to several), or define autoanchor_heads() on the LightningModule")
-        if not primary:
+        if not own:
             raise HeadError(f"no detection head found in {type(model).__name__}: looked for a submodule with an "
                             f"'anchors' buffer (levels, anchors, 2) and a 'stride' tensor, or implementing "
-                            f"read_anchors()/write_anchors(); {how}")
-        raise HeadError(f"{len(primary)} candidate detection heads in {type(model).__name__}: {primary}; {how}")
-    shadows = [n for n in found if n not in primary]
-    names = primary + shadows
-    return Heads([as_adapter(model.get_submodule(n)) for n in names], names)
+                            f"read_anchors()/write_anchors()/strides (the AnchorHead protocol of "
+                            f"lightning_autoanchor.heads); {how}")
+        raise HeadError(f"{len(own)} candidate detection heads in {type(model).__name__}: {own}; {how}")
+    names = own + copies
+    return Heads([as_adapter(_resolve(model, n)) for n in names], names)
 
 
-def _candidate_names(model: nn.Module) -> list[str]:
-    return [name for name, m in model.named_modules() if is_yolo_head(m) or implements_protocol(m)]
-
-
-def check_anchors(anchors: Tensor, where: str) -> None:
-    """Raise :class:`HeadError` unless ``anchors`` is ``(levels, anchors, 2)``, finite and positive."""
-    if anchors.ndim != 3 or anchors.shape[-1] != 2 or anchors.numel() == 0:
-        raise HeadError(f"{where}: anchors must have shape (levels, anchors_per_level, 2), got {tuple(anchors.shape)}")
-    if not bool(torch.isfinite(anchors).all()) or not bool((anchors > 0).all()):
-        raise HeadError(f"{where}: anchors must be positive and finite, got {anchors.reshape(-1, 2).tolist()}")
-
-
-def follows_strides(anchors: Tensor, strides: Tensor) -> bool:
-    """Whether the levels' mean anchor areas grow with their strides (YOLOv5's ``check_anchor_order``).
-
-    ``anchors``: ``(levels, per_level, 2)`` pixels; ``strides``: ``(levels,)``.
-    """
-    areas = anchors.prod(dim=-1).mean(dim=-1)[strides.argsort()]
-    return bool((areas.diff() >= 0).all())
-
-
-def assign_to_levels(anchors: Tensor, strides: Tensor, per_level: int) -> Tensor:
-    """Arrange anchors sorted by area over levels in stride order: small anchors on fine levels.
-
-    Args:
-        anchors: ``(K, 2)`` pixels, sorted from small to large area.
-        strides: ``(levels,)`` in the head's level order.
-        per_level: anchors per level (``K = levels * per_level``).
-
-    Returns:
-        ``(levels, per_level, 2)`` in the head's level order.
-    """
-    groups = anchors.reshape(len(strides), per_level, 2)
-    out = torch.empty_like(groups)
-    out[strides.argsort()] = groups
-    return out
+def anchors_match(current: Tensor, expected: Tensor) -> bool:
+    """Whether two ``(levels, per_level, 2)`` anchor tensors agree within :data:`READBACK_RTOL`."""
+    if current.shape != expected.shape:
+        return False
+    current, expected = current.to(torch.float32), expected.to(torch.float32)
+    return bool(((current - expected).abs() <= READBACK_RTOL * expected.abs()).all())
 
 
 def write_all(heads: Heads, anchors: Tensor) -> None:
     """Write ``(levels, per_level, 2)`` pixel anchors into every head, all or none.
 
-    If any write fails, the heads already written get their old anchors back and the error is raised.
+    Each head's anchors are read back after its write; if any write fails or reads back other values
+    (beyond :data:`READBACK_RTOL`), the heads already written get their old anchors back and a
+    :class:`HeadError` (or the write's own error) is raised.
     """
     saved = [a.read_anchors() for a in heads.adapters]
     for name, old in zip(heads.names, saved, strict=True):
@@ -219,9 +254,14 @@ def write_all(heads: Heads, anchors: Tensor) -> None:
             raise HeadError(f"head {name}: has anchors of shape {tuple(old.shape)}, cannot take {tuple(anchors.shape)}")
     done = []
     try:
-        for adapter in heads.adapters:
-            adapter.write_anchors(anchors)
+        for name, adapter in zip(heads.names, heads.adapters, strict=True):
             done.append(adapter)
+            adapter.write_anchors(anchors)
+            back = adapter.read_anchors()
+            if not anchors_match(back, anchors):
+                raise HeadError(f"head {name}: anchors read back after the write differ from those written "
+                                f"({back.reshape(-1, 2).tolist()} instead of {anchors.reshape(-1, 2).tolist()}); "
+                                "every head keeps its old anchors")
     except BaseException:
         for adapter, old in zip(done, saved, strict=False):
             adapter.write_anchors(old)

@@ -16,36 +16,36 @@ Two match rules are supported, selected by ``metric``:
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
 
 from lightning_autoanchor.errors import ConfigError
+from lightning_autoanchor.settings import AnchorSettings, Metric
 
-Metric = Literal["ratio", "iou"]
-DEFAULT_THR: dict[str, float] = {"ratio": 4.0, "iou": 0.5}
+__all__ = [
+    "AnchorScores",
+    "anchor_fitness",
+    "anchors_above_threshold",
+    "average_iou",
+    "best_possible_recall",
+    "match_cut",
+    "match_quality",
+    "ratio_metric",
+    "score_anchors",
+    "wh_iou",
+]
 
 
 def match_cut(metric: Metric = "ratio", thr: float | None = None) -> float:
     """The match-quality threshold in ``[0, 1)`` that ``thr`` means for ``metric``.
 
     A box matches an anchor when its quality is strictly above the returned value: ``1 / thr`` for
-    ``"ratio"``, ``thr`` itself for ``"iou"``. ``thr=None`` takes the metric's default.
+    ``"ratio"``, ``thr`` itself for ``"iou"``. ``thr=None`` takes the metric's default; both are
+    validated as :class:`~lightning_autoanchor.settings.AnchorSettings` validates them.
     """
-    if metric not in DEFAULT_THR:
-        raise ConfigError(f"metric must be 'ratio' or 'iou', got {metric!r}")
-    thr = DEFAULT_THR[metric] if thr is None else float(thr)
-    if metric == "ratio":
-        if not (math.isfinite(thr) and thr > 1.0):
-            raise ConfigError(f"thr for metric='ratio' is an anchor/box size ratio above 1 (YOLOv5 uses 4.0), "
-                              f"got {thr}")
-        return 1.0 / thr
-    if not (0.0 <= thr < 1.0):
-        raise ConfigError(f"thr for metric='iou' is an IoU in [0, 1) (e.g. 0.5), got {thr}")
-    return thr
+    return AnchorSettings(metric=metric, thr=thr).match_cut
 
 
 def ratio_metric(wh: Tensor, anchors: Tensor) -> Tensor:
@@ -130,7 +130,6 @@ class AnchorScores:
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
-
 
 
 def score_anchors(wh: Tensor, anchors: Tensor, thr: float | None = None, metric: Metric = "ratio",

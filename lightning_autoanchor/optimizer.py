@@ -7,11 +7,11 @@ leaves training's randomness as it was.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -19,8 +19,11 @@ from torch import Tensor
 from lightning_autoanchor.boxes import MIN_FIT_SIZE, fit_mask, log_bins
 from lightning_autoanchor.clustering import KMeansInit, initial_anchors
 from lightning_autoanchor.errors import AnchorFitError, ConfigError
-from lightning_autoanchor.evolution import MIN_ANCHOR_SIZE, LogSpaceFitness, evolve, refine
-from lightning_autoanchor.metrics import DEFAULT_THR, AnchorScores, Metric, match_cut, score_anchors
+from lightning_autoanchor.evolution import LogSpaceFitness, evolve, refine
+from lightning_autoanchor.metrics import AnchorScores, score_anchors
+from lightning_autoanchor.settings import AnchorSettings, Metric
+
+__all__ = ["AnchorResult", "fit_anchors", "prepare_boxes", "sort_by_area"]
 
 FINE_BIN = 0.04
 """Log-space cell (a 4 % size step) of the summary the final coordinate search runs on."""
@@ -101,10 +104,8 @@ def prepare_boxes(wh: Tensor) -> tuple[Tensor, int]:
     return wh[keep], int((~keep).sum())
 
 
-def fit_anchors(wh: Tensor, n: int = 9, *, thr: float | None = None, metric: Metric = "ratio",
-                generations: int = 1000, mutation_prob: float = 0.9, sigma: float = 0.1,
-                population: int = 10, init: KMeansInit = "log", seed: int = 0,
-                progress: bool = False) -> AnchorResult:
+def fit_anchors(wh: Tensor, n: int = 9, settings: AnchorSettings | None = None, *, population: int = 10,
+                init: KMeansInit = "log", progress: bool = False, **options: Any) -> AnchorResult:
     """Fit ``n`` anchors to box sizes.
 
     Anchor sides are at least 2 px (as YOLOv5's evolution keeps them).
@@ -120,14 +121,12 @@ def fit_anchors(wh: Tensor, n: int = 9, *, thr: float | None = None, metric: Met
             (e.g. :meth:`BoxSet.scaled <lightning_autoanchor.boxes.BoxSet.scaled>`). Boxes under 2 px on
             both sides are left out.
         n: number of anchors (all levels together).
-        thr: match threshold (``None``: 4.0 for ``metric="ratio"``, 0.5 for ``"iou"``).
-        metric: ``"ratio"`` (YOLOv5) or ``"iou"``; see :mod:`lightning_autoanchor.metrics`.
-        generations: mutants scored by the evolution in all (YOLOv5: 1000); 0 skips it.
-        mutation_prob: probability that a mutant changes each anchor side (YOLOv5: 0.9).
-        sigma: mutation strength (YOLOv5: 0.1).
+        settings: the match rule (``metric``, ``thr``) and the search (``generations``,
+            ``mutation_prob``, ``sigma``, ``seed``: equal seeds give equal anchors); ``options``
+            change its fields, as in ``fit_anchors(wh, 9, seed=1, thr=3.0)``. See
+            :class:`~lightning_autoanchor.settings.AnchorSettings`.
         population: mutants scored together per generation (1: YOLOv5's (1+1) scheme).
         init: k-means flavour for the starts: ``"log"``, ``"iou"`` or ``"euclidean"`` (YOLOv5's).
-        seed: seed of the private random generator; equal seeds give equal anchors.
         progress: show a progress bar on a terminal.
 
     Raises:
@@ -135,14 +134,12 @@ def fit_anchors(wh: Tensor, n: int = 9, *, thr: float | None = None, metric: Met
         ConfigError: an argument out of range.
     """
     started = time.perf_counter()
-    if not isinstance(n, int) or n < 1:
+    settings = AnchorSettings.of(settings, **options)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError(f"n (number of anchors) must be a positive integer, got {n!r}")
-    if generations < 0 or population < 1:
-        raise ConfigError(f"generations must be >= 0 and population >= 1, got {generations} and {population}")
-    if not (0.0 <= mutation_prob <= 1.0) or not (sigma >= 0.0 and math.isfinite(sigma)):
-        raise ConfigError(f"mutation_prob must be in [0, 1] and sigma >= 0, got {mutation_prob} and {sigma}")
-    thr = DEFAULT_THR[metric] if thr is None else float(thr)
-    match_cut(metric, thr)
+    if isinstance(population, bool) or not isinstance(population, int) or population < 1:
+        raise ConfigError(f"population must be a positive integer, got {population!r}")
+    metric, thr, generations = settings.metric, float(settings.thr), settings.generations  # type: ignore[arg-type]
     wh, n_dropped = prepare_boxes(wh)
     if len(wh) == 0:
         raise AnchorFitError(f"no boxes to fit anchors to: all {n_dropped} boxes are under "
@@ -150,7 +147,7 @@ def fit_anchors(wh: Tensor, n: int = 9, *, thr: float | None = None, metric: Met
     if len(wh) < n:
         raise AnchorFitError(f"cannot fit {n} anchors to {len(wh)} boxes: give at least as many boxes "
                              "as anchors, or ask for fewer anchors")
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(settings.seed)
 
     # Summaries are built where the boxes are (a GPU, for boxes on one). The search runs on the CPU
     # and on one thread: its tensors are small, so per-operation overhead sets the pace, and a thread
@@ -160,10 +157,11 @@ def fit_anchors(wh: Tensor, n: int = 9, *, thr: float | None = None, metric: Met
         coarse = LogSpaceFitness(*log_bins(fine.points.exp(), COARSE_BIN, fine.weights), metric=metric, thr=thr)
         rough = LogSpaceFitness(*log_bins(coarse.points.exp(), ROUGH_BIN, coarse.weights), metric=metric, thr=thr)
         starts = initial_anchors(rough.points.exp(), n, init, weights=rough.weights, generator=generator,
-                                 starts=KMEANS_STARTS).clamp(min=MIN_ANCHOR_SIZE).log()
+                                 starts=KMEANS_STARTS).clamp(min=MIN_FIT_SIZE).log()
         if generations:
-            starts = evolve(rough, starts, generations=-(-generations // KMEANS_STARTS), mutation_prob=mutation_prob,
-                            sigma=sigma, population=population, generator=generator, progress=progress)
+            starts = evolve(rough, starts, generations=-(-generations // KMEANS_STARTS),
+                            mutation_prob=settings.mutation_prob, sigma=settings.sigma, population=population,
+                            generator=generator, progress=progress)
         starts = refine(coarse, starts, step=COARSE_BIN, min_step=COARSE_BIN / 4)
         best = starts[int(coarse(starts).argmax())]
         best = refine(fine, best, step=FINE_BIN / 2, min_step=FINE_BIN / 20)
@@ -175,7 +173,7 @@ def fit_anchors(wh: Tensor, n: int = 9, *, thr: float | None = None, metric: Met
         n_dropped=n_dropped,
         metric=metric,
         thr=thr,
-        seed=seed,
+        seed=settings.seed,
         generations=generations,
         seconds=time.perf_counter() - started,
     )

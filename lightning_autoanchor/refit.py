@@ -1,8 +1,8 @@
-"""Check a head's anchors on a box set and, when they fit badly, fit better ones: no Trainer needed.
+"""Check anchors on a box set and, when they fit badly, fit better ones: no Trainer, no head needed.
 
-:func:`refit_anchors` is what the callback runs at fit start (on one rank); it reads the heads but
-never writes them. The returned :class:`AnchorUpdate` says what to write, and round-trips through
-plain Python data (:meth:`AnchorUpdate.as_dict`) for broadcasting and checkpoints.
+:func:`refit_anchors` is what the callback runs at fit start (on one rank), given the primary
+head's anchors and strides. The returned :class:`AnchorUpdate` says what to write, and round-trips
+through plain Python data (:meth:`AnchorUpdate.as_dict`) for broadcasting and checkpoints.
 """
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_autoanchor.boxes import BoxSet, Resize
-from lightning_autoanchor.errors import AnchorFitError, ConfigError
-from lightning_autoanchor.heads import Heads, assign_to_levels, check_anchors
-from lightning_autoanchor.metrics import DEFAULT_THR, AnchorScores, Metric, match_cut, score_anchors
+from lightning_autoanchor.boxes import MIN_FIT_SIZE, BoxSet
+from lightning_autoanchor.errors import AnchorFitError, ConfigError, HeadError
+from lightning_autoanchor.metrics import AnchorScores, score_anchors
 from lightning_autoanchor.optimizer import fit_anchors, prepare_boxes
+from lightning_autoanchor.settings import AnchorSettings, Metric
+
+__all__ = ["AnchorUpdate", "assign_to_levels", "check_anchors", "check_img_size", "follows_strides", "refit_anchors"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -87,6 +89,40 @@ class AnchorUpdate:
         return cls(**fields)
 
 
+def check_anchors(anchors: Tensor, where: str) -> None:
+    """Raise :class:`HeadError` unless ``anchors`` is ``(levels, anchors, 2)``, finite and positive."""
+    if anchors.ndim != 3 or anchors.shape[-1] != 2 or anchors.numel() == 0:
+        raise HeadError(f"{where}: anchors must have shape (levels, anchors_per_level, 2), got {tuple(anchors.shape)}")
+    if not bool(torch.isfinite(anchors).all()) or not bool((anchors > 0).all()):
+        raise HeadError(f"{where}: anchors must be positive and finite, got {anchors.reshape(-1, 2).tolist()}")
+
+
+def follows_strides(anchors: Tensor, strides: Tensor) -> bool:
+    """Whether the levels' mean anchor areas grow with their strides (YOLOv5's ``check_anchor_order``).
+
+    ``anchors``: ``(levels, per_level, 2)`` pixels; ``strides``: ``(levels,)``.
+    """
+    areas = anchors.prod(dim=-1).mean(dim=-1)[strides.argsort()]
+    return bool((areas.diff() >= 0).all())
+
+
+def assign_to_levels(anchors: Tensor, strides: Tensor, per_level: int) -> Tensor:
+    """Arrange anchors sorted by area over levels in stride order: small anchors on fine levels.
+
+    Args:
+        anchors: ``(K, 2)`` pixels, sorted from small to large area.
+        strides: ``(levels,)`` in the head's level order.
+        per_level: anchors per level (``K = levels * per_level``).
+
+    Returns:
+        ``(levels, per_level, 2)`` in the head's level order.
+    """
+    groups = anchors.reshape(len(strides), per_level, 2)
+    out = torch.empty_like(groups)
+    out[strides.argsort()] = groups
+    return out
+
+
 def check_img_size(img_size: float, strides: Tensor) -> None:
     """Raise :class:`ConfigError` unless ``img_size`` is a positive multiple of the largest stride."""
     largest = float(strides.max())
@@ -96,45 +132,54 @@ def check_img_size(img_size: float, strides: Tensor) -> None:
                           f"train at a size the network can tile (e.g. {nearest:g})")
 
 
-def refit_anchors(heads: Heads, boxes: BoxSet, *, img_size: float, bpr_threshold: float = 0.98,
-                  thr: float | None = None, metric: Metric = "ratio", resize: Resize = "letterbox",
-                  scale_jitter: float = 0.1, generations: int = 1000, mutation_prob: float = 0.9, sigma: float = 0.1,
-                  seed: int = 0, device: torch.device | str | None = None, progress: bool = False) -> AnchorUpdate:
-    """Score the primary head's anchors on ``boxes``; if BPR is under ``bpr_threshold``, fit new ones.
+def refit_anchors(anchors: Tensor, strides: Tensor, boxes: BoxSet, settings: AnchorSettings | None = None, *,
+                  device: torch.device | str | None = None, progress: bool = False, where: str = "the head",
+                  **options: Any) -> AnchorUpdate:
+    """Score ``anchors`` on ``boxes``; if BPR is under ``settings.bpr_threshold``, fit new ones.
 
-    New anchors (as many as the head has) are kept only when their BPR beats the current anchors'
+    New anchors (as many as given) are kept only when their BPR beats the current anchors'
     (YOLOv5's rule); they are sorted by area and laid out small-to-large over the levels in stride
-    order. Scores use the boxes at ``img_size`` with YOLOv5's per-image scale jitter
+    order. Scores use the boxes at ``settings.img_size`` with YOLOv5's per-image scale jitter
     (``scale_jitter``, seeded by ``seed``); the fit itself uses them without jitter. The work that
     grows with the number of boxes runs on ``device`` (e.g. the model's GPU; default CPU).
 
+    Args:
+        anchors: ``(levels, per_level, 2)`` the head's anchors, pixels at the training size.
+        strides: ``(levels,)`` pixels per cell of each level, in the same level order.
+        boxes: the training boxes.
+        settings: an :class:`AnchorSettings` with ``img_size`` set; ``options`` change its fields
+            (``refit_anchors(anchors, strides, boxes, img_size=640, seed=1)``).
+        device: where the per-box work runs.
+        progress: show the evolution's progress bar on a terminal.
+        where: the head's name, for messages.
+
     Raises:
-        HeadError: the head's anchors are not ``(levels, anchors, 2)``, finite and positive.
-        ConfigError: ``img_size`` is not a multiple of the largest stride, or another setting is invalid.
+        HeadError: the anchors are not ``(levels, anchors, 2)``, finite and positive.
+        ConfigError: no ``img_size``, or it is not a multiple of the largest stride.
         AnchorFitError: no usable boxes.
     """
     started = time.perf_counter()
-    if not 0.0 <= bpr_threshold <= 1.0:
-        raise ConfigError(f"bpr_threshold must be in [0, 1], got {bpr_threshold}")
-    thr = DEFAULT_THR[metric] if thr is None else float(thr)
-    match_cut(metric, thr)
-    before_anchors = heads.primary.read_anchors()
-    check_anchors(before_anchors, heads.names[0])
-    strides = heads.primary.strides
+    settings = AnchorSettings.of(settings, **options)
+    if settings.img_size is None:
+        raise ConfigError("refit_anchors needs the training image size: give img_size")
+    img_size = settings.img_size
+    check_anchors(anchors, where)
     check_img_size(img_size, strides)
     if len(boxes) == 0:
         raise AnchorFitError(f"no training boxes in {boxes.source or 'the box set'}: cannot check anchors")
-    check_wh, _ = prepare_boxes(boxes.scaled(img_size, resize, scale_jitter, seed).to(device))
+    check_wh, _ = prepare_boxes(boxes.scaled(img_size, settings.resize, settings.scale_jitter, settings.seed)
+                                .to(device))
     if len(check_wh) == 0:
-        raise AnchorFitError(f"every box of {boxes.source or 'the box set'} is under 2 px at img_size {img_size:g}")
+        raise AnchorFitError(f"every box of {boxes.source or 'the box set'} is under {MIN_FIT_SIZE:g} px at "
+                             f"img_size {img_size:g}")
+    before_anchors = anchors.detach().to(torch.float32).cpu()
     flat_before = before_anchors.reshape(-1, 2).to(check_wh.device)
-    before = score_anchors(check_wh, flat_before, thr, metric)
+    before = score_anchors(check_wh, flat_before, settings.thr, settings.metric)
     after_anchors, after, candidate = before_anchors, before, None
-    if before.bpr < bpr_threshold:
-        result = fit_anchors(boxes.scaled(img_size, resize).to(device), len(flat_before), thr=thr, metric=metric,
-                             generations=generations, mutation_prob=mutation_prob, sigma=sigma, seed=seed,
+    if before.bpr < settings.bpr_threshold:
+        result = fit_anchors(boxes.scaled(img_size, settings.resize).to(device), len(flat_before), settings,
                              progress=progress)
-        candidate = score_anchors(check_wh, result.anchors.to(check_wh.device), thr, metric)
+        candidate = score_anchors(check_wh, result.anchors.to(check_wh.device), settings.thr, settings.metric)
         if candidate.bpr > before.bpr:
             after_anchors = assign_to_levels(result.anchors, strides, before_anchors.shape[1])
             after = candidate
@@ -147,9 +192,9 @@ def refit_anchors(heads: Heads, boxes: BoxSet, *, img_size: float, bpr_threshold
         after=after,
         candidate=candidate,
         img_size=float(img_size),
-        metric=metric,
-        thr=thr,
-        seed=seed,
+        metric=settings.metric,
+        thr=float(settings.thr),  # type: ignore[arg-type]
+        seed=settings.seed,
         n_images=boxes.num_images,
         source=boxes.source,
         seconds=time.perf_counter() - started,

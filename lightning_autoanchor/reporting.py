@@ -1,6 +1,7 @@
-"""What users read: the anchors YAML for model configs, a console summary, and a plot.
+"""What users read: the anchors YAML for model configs, the console report, the logged values and a plot.
 
-All anchors here are ``(K, 2)`` widths and heights in pixels at the training size.
+All anchors here are ``(K, 2)`` widths and heights in pixels at the training size, unless a
+function says ``(levels, per_level, 2)``.
 """
 
 from __future__ import annotations
@@ -8,8 +9,9 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -17,6 +19,30 @@ from torch import Tensor
 from lightning_autoanchor import __version__
 from lightning_autoanchor.errors import ConfigError
 from lightning_autoanchor.metrics import AnchorScores
+
+if TYPE_CHECKING:
+    from lightning_autoanchor.boxes import BoxSet
+    from lightning_autoanchor.refit import AnchorUpdate
+
+__all__ = [
+    "PLOT_NAME",
+    "YAML_NAME",
+    "anchors_per_level",
+    "anchors_yaml",
+    "default_strides",
+    "describe_scores",
+    "header_comments",
+    "log_update",
+    "plot_anchors",
+    "report_lines",
+    "save_update",
+    "write_atomic",
+    "write_text_atomic",
+    "yolo_number",
+]
+
+YAML_NAME = "autoanchor.yaml"
+PLOT_NAME = "autoanchor.png"
 
 
 def default_strides(levels: int) -> list[int]:
@@ -61,21 +87,37 @@ def anchors_yaml(anchors: Tensor, levels: int, *, strides: Sequence[float] | Non
     return "\n".join(lines) + "\n"
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to ``path`` so that a crash leaves the old file or the new one, never half of one."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: str | os.PathLike[str], write: Callable[[Any], None]) -> Path:
+    """Create or replace ``path`` with what ``write(binary_file)`` writes, so that a crash or a full disk
+    leaves the old file or the new one, never half of one (a temporary file beside it, renamed over it).
+
+    The file gets the permissions any new file gets (``0o666`` less the umask), not ``mkstemp``'s ``0o600``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`write_atomic`)."""
+    return write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def describe_scores(scores: AnchorScores, thr: float, metric: str) -> list[str]:
@@ -103,25 +145,27 @@ def header_comments(source: str, img_size: float, resize: str, metric: str, thr:
 
 def plot_anchors(wh: Tensor, anchors: Tensor, path: str | os.PathLike[str], *, thr: float, metric: str,
                  before: Tensor | None = None, title: str = "") -> Path:
-    """Save a log-log 2-D histogram of box sizes with the anchors (and ``before``, if given) over it.
+    """Save a log-log 2-D histogram of box sizes with the anchors (and ``before``, if given) over it, as PNG.
 
-    For the ratio metric, each anchor's match region (sides within ``thr`` times) is outlined.
-    Needs matplotlib (``pip install lightning-autoanchor[plot]``).
+    For the ratio metric, each anchor's match region (sides within ``thr`` times) is outlined. The
+    figure is a ``matplotlib.figure.Figure`` of its own (pyplot and the global backend are left
+    alone), written atomically (:func:`write_atomic`). Needs matplotlib
+    (``pip install lightning-autoanchor[plot]``).
     """
     try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        from matplotlib.colors import LogNorm
+        from matplotlib.figure import Figure
+        from matplotlib.patches import Rectangle
     except ImportError as err:
         raise ConfigError("plots need matplotlib: pip install 'lightning-autoanchor[plot]'") from err
     wh = wh.detach().float().cpu()
-    fig, ax = plt.subplots(figsize=(7, 6), dpi=110)
+    fig = Figure(figsize=(7, 6), dpi=110)
+    ax = fig.subplots()
     low = max(float(wh.min()), 0.5)
     high = max(float(wh.max()), float(anchors.max()))
     edges = torch.logspace(torch.log10(torch.tensor(low)), torch.log10(torch.tensor(high * 1.05)), 80).numpy()
     _, _, _, image = ax.hist2d(wh[:, 0].numpy(), wh[:, 1].numpy(), bins=[edges, edges], cmap="Blues", cmin=1,
-                               norm=matplotlib.colors.LogNorm())
+                               norm=LogNorm())
     fig.colorbar(image, ax=ax, label="boxes per cell")
     if before is not None:
         ax.scatter(before[:, 0].cpu(), before[:, 1].cpu(), marker="x", s=60, c="0.4", label="anchors before")
@@ -129,14 +173,70 @@ def plot_anchors(wh: Tensor, anchors: Tensor, path: str | os.PathLike[str], *, t
                linewidths=2, label="anchors")
     if metric == "ratio":
         for w, h in anchors.tolist():
-            ax.add_patch(matplotlib.patches.Rectangle((w / thr, h / thr), w * thr - w / thr, h * thr - h / thr,
-                                                      fill=False, lw=0.6, ec="crimson", alpha=0.35))
+            ax.add_patch(Rectangle((w / thr, h / thr), w * thr - w / thr, h * thr - h / thr,
+                                   fill=False, lw=0.6, ec="crimson", alpha=0.35))
     ax.set(xscale="log", yscale="log", xlabel="box width (px at training size)",
            ylabel="box height (px at training size)", title=title or "Boxes and anchors")
     ax.legend(loc="upper left")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return write_atomic(path, lambda f: fig.savefig(f, format="png"))
+
+
+def report_lines(update: AnchorUpdate, head_names: Sequence[str], bpr_threshold: float, resize: str) -> list[str]:
+    """The console report of a check (and fit): what was scored, what was decided, what was written."""
+    before, after = update.before, update.after
+    n = update.anchors_before.reshape(-1, 2).shape[0]
+    lines = [f"AutoAnchor: {head_names[0]}, {n} anchors at img_size {update.img_size:g} ({resize}), "
+             f"{update.metric} thr {update.thr:g}; {before.n_boxes:,} boxes in {update.n_images:,} images"]
+    lines += ["  current anchors:"] + [f"    {line}" for line in describe_scores(before, update.thr, update.metric)]
+    if not update.fitted:
+        lines.append(f"  BPR {before.bpr:.4f} >= {bpr_threshold}: the anchors fit; kept as they are")
+        return lines
+    candidate = update.candidate
+    assert candidate is not None
+    lines.append(f"  BPR {before.bpr:.4f} < {bpr_threshold}: fitted new anchors in {update.seconds:.2f} s "
+                 f"(seed {update.seed})")
+    if not update.replaced:
+        lines.append(f"  new anchors are no better (BPR {candidate.bpr:.4f} <= {before.bpr:.4f}): "
+                     "kept the current ones")
+        return lines
+    lines += ["  new anchors:"] + [f"    {line}" for line in describe_scores(after, update.thr, update.metric)]
+    rows = "; ".join(", ".join(f"{yolo_number(w)},{yolo_number(h)}" for w, h in level)
+                     for level in update.anchors_after.tolist())
+    lines.append(f"  written into {', '.join(head_names)}: [{rows}] (pixels, per level)")
+    return lines
+
+
+def log_update(loggers: Sequence[Any], update: AnchorUpdate, step: int) -> None:
+    """Send :meth:`AnchorUpdate.metrics` to every Lightning logger."""
+    for logger in loggers:
+        logger.log_metrics(update.metrics(), step=step)
+
+
+def save_update(update: AnchorUpdate, folder: Path, strides: Sequence[float], resize: str, *,
+                boxes: BoxSet | None, plot: bool, warn: Callable[[str], Any]) -> list[str]:
+    """Write ``autoanchor.yaml`` (and ``autoanchor.png`` when ``plot`` and ``boxes`` are given) into
+    ``folder``; returns report lines naming what was written. A file that cannot be written only
+    warns through ``warn``: the anchors are in the model already."""
+    levels = update.anchors_after.shape[0]
+    text = anchors_yaml(update.anchors_after.reshape(-1, 2), levels, strides=strides,
+                        comments=header_comments(update.source, update.img_size, resize, update.metric,
+                                                 update.thr, update.after, update.seed))
+    saved = []
+    try:
+        saved.append(f"anchors YAML: {write_text_atomic(folder / YAML_NAME, text)}")
+    except OSError as err:
+        warn(f"AutoAnchor: cannot write {folder / YAML_NAME}: {err}")
+    if not plot or boxes is None:
+        return saved
+    try:
+        path = plot_anchors(boxes.scaled(update.img_size, resize), update.anchors_after.reshape(-1, 2),
+                            folder / PLOT_NAME, thr=update.thr, metric=update.metric,
+                            before=update.anchors_before.reshape(-1, 2) if update.replaced else None,
+                            title=f"AutoAnchor at {update.img_size:g} px")
+        saved.append(f"plot: {path}")
+    except ConfigError as err:  # matplotlib missing
+        saved.append(f"(no plot: {err})")
+    except Exception as err:  # a plot never stops training
+        warn(f"AutoAnchor: could not save the plot: {err!r}")
+    return saved

@@ -18,11 +18,11 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from lightning_autoanchor import AutoAnchor, BoxSet, fit_anchors
-from lightning_autoanchor.callback_base import PLOT_NAME, YAML_NAME
 from lightning_autoanchor.demo import RenderedBoxesDataModule, TinyYolo, YoloHead
 from lightning_autoanchor.errors import AnchorFitError, ConfigError, DataError, HeadError
 from lightning_autoanchor.heads import YoloAnchors, find_heads
 from lightning_autoanchor.refit import AnchorUpdate, refit_anchors
+from lightning_autoanchor.reporting import PLOT_NAME, YAML_NAME
 
 IMG = 64
 
@@ -126,9 +126,8 @@ def test_keeps_anchors_that_fit(tmp_path: Path) -> None:
 def test_keeps_anchors_when_new_ones_are_no_better() -> None:
     """One anchor, two size clusters far apart: no anchor covers both, so the fit cannot win on BPR."""
     head = YoloHead(1, [4], [[10.0, 10.0]], [8])
-    heads = find_heads(nn.ModuleDict({"head": head}))
     boxes = BoxSet(np.array([[640, 640]]), np.array([[10, 10]] * 10 + [[500, 500]] * 10), np.zeros(20))
-    update = refit_anchors(heads, boxes, img_size=640, scale_jitter=0.0)
+    update = refit_anchors(head.anchors * 8, head.stride, boxes, img_size=640, scale_jitter=0.0)
     assert update.fitted and not update.replaced
     assert update.candidate is not None and update.candidate.bpr <= update.before.bpr
     assert torch.equal(update.anchors_after, update.anchors_before)
@@ -187,8 +186,9 @@ def test_ema_copy_gets_the_same_anchors(tmp_path: Path) -> None:
 
 
 def test_update_round_trips_through_plain_data() -> None:
-    heads = find_heads(TinyYolo(width=4))
-    update = refit_anchors(heads, CountingData().autoanchor_boxes(), img_size=IMG, generations=50)
+    head = find_heads(TinyYolo(width=4)).primary
+    update = refit_anchors(head.read_anchors(), head.strides, CountingData().autoanchor_boxes(), img_size=IMG,
+                           generations=50)
     buffer = io.BytesIO()
     torch.save(update.as_dict(), buffer)
     buffer.seek(0)
@@ -457,7 +457,7 @@ def test_warns_when_kept_anchors_are_in_reverse_level_order(tmp_path: Path) -> N
 
 
 def test_level_order_check() -> None:
-    from lightning_autoanchor.heads import assign_to_levels, follows_strides
+    from lightning_autoanchor.refit import assign_to_levels, follows_strides
 
     anchors = torch.tensor([[10.0, 10], [20, 20], [40, 40], [80, 80]])
     strides = torch.tensor([32.0, 8.0])  # a head that lists its coarse level first
@@ -473,3 +473,186 @@ def test_an_unwritable_save_dir_only_warns(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="cannot write /proc/no-such-dir/autoanchor.yaml"):
         run.fit(model, CountingData())
     assert run.state.finished and callback.update is not None and callback.update.replaced
+
+
+# ----------------------------------------------------------------- hardening (issue 9)
+
+
+class IntegerAnchors(TinyYolo):
+    """An int64 ``anchors`` buffer: ``copy_`` would truncate stride units (2.9 -> 2)."""
+
+    def __init__(self) -> None:
+        super().__init__(width=4)
+        self.head.anchors = self.head.anchors.round().long()
+
+
+def test_an_integer_anchors_buffer_is_refused(tmp_path: Path) -> None:
+    model = IntegerAnchors()
+    before = model.head.anchors.clone()
+    with pytest.raises(HeadError, match=r"'anchors' buffer is torch\.int64"):
+        trainer(tmp_path, AutoAnchor(img_size=IMG)).fit(model, CountingData())
+    assert torch.equal(model.head.anchors, before)
+
+
+class TruncatingHead(nn.Module):
+    """A protocol head whose storage silently rounds to whole pixels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.strides = torch.tensor([8.0])
+        self.register_buffer("sizes", torch.tensor([[[10, 13], [16, 30]]]))
+
+    def read_anchors(self) -> torch.Tensor:
+        return self.sizes.float().clone()
+
+    def write_anchors(self, anchors: torch.Tensor) -> None:
+        self.sizes.copy_(anchors)  # float -> int64: truncates
+
+
+def test_anchors_are_read_back_after_every_write_all_heads_or_none() -> None:
+    from lightning_autoanchor.heads import Heads, write_all
+
+    good, truncating = YoloHead(1, [4], [[10.0, 13.0, 16.0, 30.0]], [8]), TruncatingHead()
+    heads = Heads([YoloAnchors(good), truncating], ["good", "truncating"])  # type: ignore[list-item]
+    with pytest.raises(HeadError, match="head truncating: anchors read back after the write differ"):
+        write_all(heads, torch.tensor([[[10.5, 13.5], [16.5, 30.5]]]))
+    torch.testing.assert_close(good.anchors * 8, torch.tensor([[[10.0, 13.0], [16.0, 30.0]]]))
+    assert truncating.sizes.tolist() == [[[10, 13], [16, 30]]]
+
+
+def test_a_second_fit_of_a_new_model_checks_again(tmp_path: Path) -> None:
+    callback = AutoAnchor(img_size=IMG)
+    trainer(tmp_path, callback).fit(TinyYolo(width=4), CountingData())
+    first = callback.update
+    data, model = CountingData(), TinyYolo(width=4)
+    trainer(tmp_path, callback).fit(model, data)
+    assert data.box_reads == 1, "a new fit is checked, not taken for a resume"
+    assert callback.update is not None and callback.update is not first and callback.update.replaced
+    torch.testing.assert_close(model.head.anchors * model.head.stride.view(-1, 1, 1), callback.update.anchors_after)
+
+
+class VolatileAnchors(TinyYolo):
+    """A head whose ``anchors`` buffer is not persistent: checkpoints do not hold it."""
+
+    def __init__(self) -> None:
+        super().__init__(width=4)
+        anchors = self.head.anchors
+        del self.head.anchors
+        self.head.register_buffer("anchors", anchors, persistent=False)
+        self.loss_fn.anchors = self.head.anchors
+
+
+def test_a_resume_writes_back_anchors_the_checkpoint_did_not_hold(tmp_path: Path) -> None:
+    first = AutoAnchor(img_size=IMG)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trained = VolatileAnchors()
+    trainer(tmp_path, first, checkpoint, enable_checkpointing=True).fit(trained, CountingData())
+    assert "head.anchors" not in torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["state_dict"]
+
+    data, model, again = CountingData(), VolatileAnchors(), AutoAnchor(img_size=IMG)
+    trainer(tmp_path, again, max_epochs=2, enable_checkpointing=True).fit(model, data,
+                                                                          ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert data.box_reads == 0
+    assert torch.equal(model.head.anchors, trained.head.anchors), "the first run's anchors, not the defaults"
+
+
+def test_a_bf16_resume_does_not_warn_that_anchors_differ(tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
+    first = AutoAnchor(img_size=IMG)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer(tmp_path, first, checkpoint, enable_checkpointing=True, precision="bf16-true").fit(
+        TinyYolo(width=4), CountingData())
+    model, again = TinyYolo(width=4), AutoAnchor(img_size=IMG)
+    trainer(tmp_path, again, max_epochs=2, precision="bf16-true").fit(model, CountingData(),
+                                                                      ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert model.head.anchors.dtype == torch.bfloat16
+    assert not [w for w in recwarn if "differ" in str(w.message) or "written back" in str(w.message)]
+
+
+def test_validate_on_a_fresh_model_gets_the_fitted_anchors(tmp_path: Path) -> None:
+    callback = AutoAnchor(img_size=IMG)
+    trainer(tmp_path, callback).fit(VolatileAnchors(), CountingData())
+    fresh = VolatileAnchors()
+    trainer(tmp_path, callback, limit_val_batches=1).validate(fresh, CountingData())
+    assert callback.update is not None
+    torch.testing.assert_close(fresh.head.anchors * fresh.head.stride.view(-1, 1, 1), callback.update.anchors_after)
+
+
+def test_yaml_and_plot_follow_the_umask(tmp_path: Path) -> None:
+    import os
+
+    old = os.umask(0o022)
+    try:
+        trainer(tmp_path, AutoAnchor(img_size=IMG, save_dir=str(tmp_path / "out"))).fit(TinyYolo(width=4),
+                                                                                      CountingData())
+    finally:
+        os.umask(old)
+    for name in (YAML_NAME, PLOT_NAME):
+        assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o644
+
+
+def test_fast_dev_run_writes_no_file(tmp_path: Path) -> None:
+    callback = AutoAnchor(img_size=IMG, save_dir=str(tmp_path / "out"))
+    trainer(tmp_path, callback, fast_dev_run=True).fit(TinyYolo(width=4), CountingData())
+    assert callback.update is not None and callback.update.replaced
+    assert not (tmp_path / "out").exists()
+
+
+class NoneHeads(TinyYolo):
+    def autoanchor_heads(self) -> None:
+        return None
+
+
+def test_autoanchor_heads_returning_none_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(HeadError, match=r"autoanchor_heads\(\) must return a non-empty list of heads.*got None"):
+        trainer(tmp_path, AutoAnchor(img_size=IMG)).fit(NoneHeads(), CountingData())
+
+
+def test_on_error_warn_lets_go_of_the_boxes(tmp_path: Path) -> None:
+    import gc
+    import weakref
+
+    class Data(CountingData):
+        def autoanchor_boxes(self) -> BoxSet:
+            boxes = super().autoanchor_boxes()
+            self.seen = weakref.ref(boxes)
+            return boxes
+
+    data, callback = Data(), AutoAnchor(img_size=IMG, on_error="warn")
+    with pytest.warns(UserWarning, match="positive and finite"):
+        trainer(tmp_path, callback).fit(NanAnchors(), data)
+    gc.collect()
+    assert data.seen() is None, "the box set is not kept for the rest of the run"
+
+
+class ModelEMA:
+    """YOLOv5's EMA helper: a plain object (not a module) holding the averaged model in ``.ema``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        import copy
+
+        self.ema = copy.deepcopy(model)
+        self.updates = 0
+
+
+class WithPlainEma(TinyYolo):
+    def __init__(self) -> None:
+        super().__init__(width=4)
+        self.ema = ModelEMA(nn.ModuleDict({"model": nn.ModuleDict({"24": self.head})}))
+
+
+def test_an_ema_helper_that_is_not_a_module_is_written_too(tmp_path: Path) -> None:
+    model = WithPlainEma()
+    assert find_heads(model).names == ["head", "ema.ema.model.24"]
+    callback = AutoAnchor(img_size=IMG)
+    trainer(tmp_path, callback).fit(model, CountingData())
+    assert callback.update is not None and callback.update.replaced
+    assert torch.equal(model.ema.ema["model"]["24"].anchors, model.head.anchors)
+
+
+def test_naming_only_the_model_warns_of_the_unwritten_ema_copy(tmp_path: Path) -> None:
+    model = WithPlainEma()
+    with pytest.warns(UserWarning, match=r"\['ema.ema.model.24'\] look like detection heads too but are not written"):
+        trainer(tmp_path, AutoAnchor(img_size=IMG, head="head")).fit(model, CountingData())
+    named = AutoAnchor(img_size=IMG, head=["head", "ema.ema.model.24"])
+    trainer(tmp_path, named).fit(WithPlainEma(), CountingData())
+    assert named.update is not None and named.update.replaced

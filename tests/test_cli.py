@@ -311,7 +311,7 @@ def test_check_verdict(checked: dict) -> None:
     verdict = f"the anchors fit: best possible recall {checked['bpr']:.4f} >= 0.98"
     assert line_with(fits.stdout, "the anchors fit") == verdict
     bad = cli("check", DEMO, "--anchors", ANCHORS, "--bpr-threshold", "1.5")
-    assert (bad.returncode, bad.stderr) == (1, f"{PROG}: error: --bpr-threshold must be in [0, 1], got 1.5\n")
+    assert (bad.returncode, bad.stderr) == (1, f"{PROG}: error: --bpr-threshold must be a number in [0, 1], got 1.5\n")
 
 
 @pytest.mark.parametrize(("n", "levels"), [(5, 1), (6, 3), (4, 1)])

@@ -38,7 +38,8 @@ def test_demo_config_fast_dev_run_fires_the_callback() -> None:
     cli = LightningCLI(TinyYolo, RenderedBoxesDataModule, args=[
         "fit", "--config", str(DEMO_CONFIG), "--trainer.fast_dev_run=true", "--model.width=4"])
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, AutoAnchor))
-    assert (callback.img_size, callback.bpr_threshold, callback.thr, callback.generations) == (160, 0.98, 4.0, 1000)
+    settings = callback.settings
+    assert (settings.img_size, settings.bpr_threshold, settings.thr, settings.generations) == (160, 0.98, 4.0, 1000)
     assert callback.update is not None and callback.update.replaced
     head = cli.model.head
     torch.testing.assert_close(head.anchors * head.stride.view(-1, 1, 1), callback.update.anchors_after)
@@ -76,17 +77,27 @@ def test_unified_namespace_config() -> None:
     torch.testing.assert_close(head.anchors * head.stride.view(-1, 1, 1), callback.update.anchors_after)
 
 
-def test_each_cli_rejects_the_other_namespace(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit):
-        LightningCLI(TinyYolo, RenderedBoxesDataModule, run=False, args=[
-            "--trainer.callbacks=lightning_autoanchor.lightning.AutoAnchor"])
+def test_the_unified_cli_needs_its_own_class(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         UnifiedCLI(UnifiedYolo, run=False, args=["--trainer.callbacks=lightning_autoanchor.AutoAnchor"])
     assert "AutoAnchor" in capsys.readouterr().err
-    # and each accepts its own
-    own = LightningCLI(TinyYolo, RenderedBoxesDataModule, run=False, args=[
-        "--trainer.callbacks=lightning_autoanchor.AutoAnchor", "--trainer.callbacks.img_size=160"])
-    assert any(isinstance(c, AutoAnchor) for c in own.trainer.callbacks)
+    # pytorch_lightning's CLI takes either class: the unified one is a pytorch_lightning callback too
+    for class_path in ("lightning_autoanchor.AutoAnchor", "lightning_autoanchor.lightning.AutoAnchor"):
+        own = LightningCLI(TinyYolo, RenderedBoxesDataModule, run=False, args=[
+            f"--trainer.callbacks={class_path}", "--trainer.callbacks.img_size=160"])
+        assert any(isinstance(c, AutoAnchor) for c in own.trainer.callbacks)
+
+
+def test_the_demo_runs_in_the_unified_namespace(tmp_path: Path) -> None:
+    from lightning_autoanchor.demo import lightning as demo
+
+    callback = lightning_autoanchor.lightning.AutoAnchor(img_size=64)
+    model = demo.TinyYolo(width=4)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, callbacks=[callback])
+    trainer.fit(model, demo.RenderedBoxesDataModule(img_size=64, batch_size=8))
+    assert trainer.state.finished and callback.update is not None and callback.update.replaced
+    assert "val/match_rate" in trainer.callback_metrics
 
 
 def test_main_job_entry_point_runs(tmp_path: Path) -> None:

@@ -75,3 +75,35 @@ def test_plot_is_a_png(tmp_path: Path) -> None:
     wh = torch.exp(torch.randn(500, 2, generator=torch.Generator().manual_seed(0)) + 3)
     path = plot_anchors(wh, ANCHORS * 4, tmp_path / "p.png", thr=4.0, metric="ratio", before=ANCHORS)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+FULL_DISK = """
+import resource, signal, sys, torch
+from lightning_autoanchor.reporting import plot_anchors
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
+wh = torch.exp(torch.randn(500, 2, generator=torch.Generator().manual_seed(0)) + 3)
+try:
+    plot_anchors(wh, wh[:9], sys.argv[1], thr=4.0, metric="ratio")
+except OSError as err:
+    print("failed:", err.errno)
+"""
+
+
+def test_a_plot_that_cannot_be_written_leaves_the_previous_one(tmp_path: Path) -> None:
+    target = tmp_path / "autoanchor.png"
+    target.write_bytes(b"previous plot")
+    done = subprocess.run([sys.executable, "-c", FULL_DISK, str(target)], capture_output=True, text=True, timeout=120)
+    assert "failed: 27" in done.stdout, done.stderr[-2000:]  # EFBIG
+    assert target.read_bytes() == b"previous plot"
+    assert [p.name for p in tmp_path.iterdir()] == ["autoanchor.png"], "no temporary file left"
+
+
+def test_plotting_leaves_matplotlib_s_backend_alone(tmp_path: Path) -> None:
+    script = ("import matplotlib, torch; matplotlib.use('svg');"
+              "from lightning_autoanchor.reporting import plot_anchors;"
+              "plot_anchors(torch.rand(50, 2) * 100 + 1, torch.ones(3, 2) * 20, 'p.png', thr=4.0, metric='iou');"
+              "print(matplotlib.get_backend())")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.stdout.strip() == "svg", done.stderr[-2000:]
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

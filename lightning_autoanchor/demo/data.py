@@ -142,7 +142,7 @@ def collate(batch: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     return torch.stack(images), torch.cat(targets)
 
 
-class RenderedBoxesDataModule(pl.LightningDataModule):
+class _RenderedBoxesDataModule:
     """Train/val loaders of rendered images, and the train split's boxes for ``AutoAnchor``.
 
     Args:
@@ -209,3 +209,7 @@ class RenderedBoxesDataModule(pl.LightningDataModule):
             image_names=tuple(ann.file_names[r] for r in rows),
             source=str(self.annotations_path),
         )
+
+
+class RenderedBoxesDataModule(_RenderedBoxesDataModule, pl.LightningDataModule):  # type: ignore[misc]
+    __doc__ = _RenderedBoxesDataModule.__doc__

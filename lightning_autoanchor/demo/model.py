@@ -189,7 +189,7 @@ def _conv(c_in: int, c_out: int, stride: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.SiLU())
 
 
-class TinyYolo(pl.LightningModule):
+class _TinyYolo:
     """A CPU-sized YOLOv5-style detector for the AutoAnchor demo.
 
     The backbone halves the resolution ``log2(max(strides))`` times (two Conv-BN-SiLU blocks each,
@@ -231,7 +231,7 @@ class TinyYolo(pl.LightningModule):
                 features.append(x)
         return self.head(features)
 
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> TinyYolo:
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> _TinyYolo:
         # moving to another device or dtype replaces the head's buffers: point the loss at the new ones
         super()._apply(fn, recurse)
         self.loss_fn.anchors, self.loss_fn.stride = self.head.anchors, self.head.stride
@@ -260,3 +260,7 @@ class TinyYolo(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+
+class TinyYolo(_TinyYolo, pl.LightningModule):  # type: ignore[misc]
+    __doc__ = _TinyYolo.__doc__

@@ -1,6 +1,7 @@
-"""Boxes from a training setup: a datamodule or dataset that describes its own boxes.
+"""What a training setup says about its boxes: the box set, the training image size, the train dataset.
 
-Two protocols are understood, tried in this order on each object:
+The callback asks here, in this order: ``AutoAnchor(annotations=...)``, the datamodule, the train
+dataset. Two protocols are understood, tried in this order on each datamodule or dataset:
 
 1. a method ``autoanchor_boxes()`` returning a :class:`~lightning_autoanchor.boxes.BoxSet` of the
    training boxes (build it with :meth:`BoxSet.from_normalized` from image sizes and normalised
@@ -13,13 +14,16 @@ A ``torch.utils.data.ConcatDataset`` is searched part by part.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 
 from lightning_autoanchor.boxes import BoxSet
-from lightning_autoanchor.errors import DataError
+from lightning_autoanchor.errors import ConfigError, DataError
+
+__all__ = ["boxes_from_yolov5_dataset", "boxes_of", "train_dataset", "training_boxes", "training_img_size"]
 
 
 def boxes_from_yolov5_dataset(dataset: Any) -> BoxSet:
@@ -73,3 +77,53 @@ def boxes_of(obj: Any) -> BoxSet | None:
     if not sets:
         return None
     return sets[0] if len(sets) == 1 else BoxSet.concat(sets)
+
+
+def train_dataset(trainer: Any) -> Any:
+    """The dataset of the trainer's training dataloader, asking the datamodule or module for it; ``None``
+    when it cannot be had yet.
+
+    Version-fragile: Lightning has no public way to reach the train dataloader before the fit loop
+    builds it, so this uses ``trainer.fit_loop._data_source`` (Lightning 2.x), and gives ``None`` where
+    that attribute is missing or the dataloader hook cannot run yet.
+    """
+    source = getattr(trainer.fit_loop, "_data_source", None)
+    try:
+        loaders = source.dataloader() if source is not None and source.is_defined() else None
+    except Exception:  # a dataloader hook that cannot run yet: the other sources still apply
+        return None
+    if isinstance(loaders, dict):
+        loaders = next(iter(loaders.values()), None)
+    if isinstance(loaders, list | tuple):
+        loaders = loaders[0] if loaders else None
+    return getattr(loaders, "dataset", None)
+
+
+def training_boxes(trainer: Any, read_annotations: Callable[[], BoxSet] | None = None) -> BoxSet:
+    """The training boxes: ``read_annotations()`` when given, else what the datamodule, then the train
+    dataset, describe (see module doc); the dataset is asked for only when the datamodule says nothing."""
+    if read_annotations is not None:
+        return read_annotations()
+    for source in (lambda: trainer.datamodule, lambda: train_dataset(trainer)):
+        found = source()
+        boxes = boxes_of(found) if found is not None else None
+        if boxes is not None:
+            return boxes
+    raise DataError("AutoAnchor found no training boxes: it looked for AutoAnchor(annotations=...), a datamodule "
+                    "method autoanchor_boxes(), and a train dataset with autoanchor_boxes() or YOLOv5-style "
+                    "'shapes' and 'labels' attributes. Add one of these (see the README).")
+
+
+def training_img_size(trainer: Any, configured: float | None, warn: Callable[[str], Any]) -> float:
+    """The training image size: ``configured`` (the callback's setting), else the datamodule's
+    ``img_size`` attribute; ``warn`` is told when both are given and differ."""
+    declared = getattr(trainer.datamodule, "img_size", None)
+    if isinstance(declared, bool) or not isinstance(declared, int | float):
+        declared = None
+    if configured is None and declared is None:
+        raise ConfigError("AutoAnchor needs the training image size: set AutoAnchor(img_size=...) or give the "
+                          "datamodule an 'img_size' attribute")
+    if configured is not None and declared is not None and not math.isclose(configured, declared):
+        warn(f"AutoAnchor(img_size={configured:g}) differs from the datamodule's img_size {declared:g}: "
+             f"anchors are fitted for {configured:g} px images; they must match the size the model trains at.")
+    return float(configured if configured is not None else declared)
