@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
+import socket
 import subprocess
 import sys
 import warnings
@@ -203,6 +205,22 @@ def small_voc(root: Path, a_xml: str | bytes | None = None) -> Path:
         content = a_xml.encode() if isinstance(a_xml, str) else a_xml
         (root / "Annotations" / "a.xml").write_bytes(content)
     return root
+
+
+def make_special(path: Path, kind: str) -> None:
+    """A FIFO, a Unix socket or a link to a character device at ``path``."""
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "socket":
+        cwd = os.getcwd()
+        os.chdir(path.parent)  # a socket's path must be short
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.bind(path.name)
+        finally:
+            os.chdir(cwd)
+    else:
+        path.symlink_to(os.devnull)
 
 
 # ----------------------------------------------------------------------------------------------------------

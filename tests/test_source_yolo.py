@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from .conftest import (
     assert_same_boxes,
     check_policy,
     load_slice,
+    make_special,
     read_clean,
     read_elsewhere,
     read_warned,
@@ -304,22 +304,6 @@ def test_yolo_unreadable_paths_are_refused(tmp_path: Path) -> None:
             read_yolo(path)
     upper = small_yolo(tmp_path / "up").rename(tmp_path / "up" / "DATA.YAML")
     assert len(read_clean(load_boxes, upper)) == 3
-
-
-def make_special(path: Path, kind: str) -> None:
-    """A FIFO, a Unix socket or a link to a character device at ``path``."""
-    if kind == "fifo":
-        os.mkfifo(path)
-    elif kind == "socket":
-        cwd = os.getcwd()
-        os.chdir(path.parent)  # a socket's path must be short
-        try:
-            with socket.socket(socket.AF_UNIX) as s:
-                s.bind(path.name)
-        finally:
-            os.chdir(cwd)
-    else:
-        path.symlink_to(os.devnull)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
