@@ -7,15 +7,17 @@ Test modules import the helpers with ``from tests.conftest import ...``.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +223,22 @@ def make_special(path: Path, kind: str) -> None:
             os.chdir(cwd)
     else:
         path.symlink_to(os.devnull)
+
+
+@contextlib.contextmanager
+def alarm(seconds: float) -> Iterator[None]:
+    """Raise ``TimeoutError`` if the block runs longer than ``seconds`` (a hang becomes a failure)."""
+
+    def expired(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"no result after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 # ----------------------------------------------------------------------------------------------------------
