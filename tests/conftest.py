@@ -7,11 +7,17 @@ Test modules import the helpers with ``from tests.conftest import ...``.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +209,38 @@ def small_voc(root: Path, a_xml: str | bytes | None = None) -> Path:
     return root
 
 
+def make_special(path: Path, kind: str) -> None:
+    """A FIFO, a Unix socket or a link to a character device at ``path``."""
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "socket":
+        cwd = os.getcwd()
+        os.chdir(path.parent)  # a socket's path must be short
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.bind(path.name)
+        finally:
+            os.chdir(cwd)
+    else:
+        path.symlink_to(os.devnull)
+
+
+@contextlib.contextmanager
+def alarm(seconds: float) -> Iterator[None]:
+    """Raise ``TimeoutError`` if the block runs longer than ``seconds`` (a hang becomes a failure)."""
+
+    def expired(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"no result after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Reading, with the warnings it gives
 # ----------------------------------------------------------------------------------------------------------
@@ -248,3 +286,33 @@ def read_clean(read: Callable[..., BoxSet], *args: Any, **kwargs: Any) -> BoxSet
     box_set, messages = read_warned(read, *args, **kwargs)
     assert messages == {}
     return box_set
+
+
+_READ_ELSEWHERE = """
+import json, sys, warnings
+from lightning_autoanchor import sources
+from lightning_autoanchor.errors import DataError
+reader, path, kwargs = json.loads(sys.argv[1])
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    try:
+        box_set = getattr(sources, reader)(path, **kwargs)
+    except DataError as err:
+        print(json.dumps({"error": str(err)}))
+        sys.exit()
+print(json.dumps({"n_images": box_set.num_images, "n_boxes": len(box_set), "skipped": dict(box_set.skipped),
+                  "names": list(box_set.image_names), "warnings": [str(w.message) for w in caught]}))
+"""
+
+
+def read_elsewhere(reader: str, path: Path, timeout: float = 60, **kwargs: Any) -> dict[str, Any]:
+    """``reader(path, **kwargs)`` (a reader of ``lightning_autoanchor.sources``, by name) run in a fresh Python
+    process, so that a read that hangs fails the test after ``timeout`` seconds instead of stalling it.
+
+    Returns the image and box counts, the skips, the image names and the warnings' messages; or, for a
+    ``DataError``, ``{"error": message}``. Anything else the reader raises fails the test.
+    """
+    proc = subprocess.run([sys.executable, "-c", _READ_ELSEWHERE, json.dumps([reader, str(path), kwargs])],
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    return json.loads(proc.stdout)

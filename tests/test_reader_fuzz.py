@@ -8,12 +8,10 @@ every run); ``FUZZ_SCALE=10`` runs ten times as many, freshly random.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import io
 import json
 import os
-import signal
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -31,7 +29,7 @@ from lightning_autoanchor.errors import DataError
 from lightning_autoanchor.sources import PROBLEMS, DataWarning, read_coco, read_voc, read_yolo
 from lightning_autoanchor.sources._json_stream import Elements, stream_arrays
 
-from .conftest import load_slice, voc_xml, write_image, yolo_line
+from .conftest import alarm, load_slice, voc_xml, write_image, yolo_line
 
 SCALE = int(os.environ.get("FUZZ_SCALE", "1"))
 TIME_LIMIT_S = 10.0  # per example; far above the few milliseconds each takes
@@ -42,25 +40,9 @@ def fuzz(max_examples: int) -> settings:
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-@contextlib.contextmanager
-def alarm(seconds: float = TIME_LIMIT_S) -> Iterator[None]:
-    """Raise ``TimeoutError`` if the block runs longer than ``seconds`` (a hang becomes a failure)."""
-
-    def expired(signum: int, frame: Any) -> None:
-        raise TimeoutError(f"no result after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def outcome(read: Any, *args: Any, **kwargs: Any) -> BoxSet | DataError:
     """The box set read, or the ``DataError`` raised; any other exception or warning fails the test."""
-    with alarm(), warnings.catch_warnings():
+    with alarm(TIME_LIMIT_S), warnings.catch_warnings():
         warnings.simplefilter("error")
         warnings.simplefilter("ignore", DataWarning)
         try:
@@ -242,7 +224,7 @@ def test_stream_any_json_any_block_size(doc: dict, extra: dict, indent: int | No
         assert all(1 <= run.line_of(j) <= raw.count(b"\n") + 1 for j in range(len(run.items)))
 
     keys = [k for k, v in expected.items() if isinstance(v, list)]
-    with alarm():
+    with alarm(TIME_LIMIT_S):
         stream_arrays(io.BytesIO(raw), "f.json", dict.fromkeys(keys, msgspec.json.Decoder(list[Any])), collect,
                       block_size=block_size)
     assert {k: v for k, v in got.items()} == {k: expected[k] for k in keys if expected[k]}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from .conftest import (
     coco_lines,
     load_slice,
     read_clean,
+    read_elsewhere,
     write_coco,
 )
 
@@ -371,16 +373,28 @@ def test_coco_not_a_coco_file_is_refused(content: bytes, message: str, tmp_path:
 
 
 def test_coco_unreadable_paths_are_refused(tmp_path: Path) -> None:
-    """Missing file, a folder, gzip name on plain text, corrupt gzip: DataError naming the path."""
-    plain = tmp_path / "plain.json.gz"
-    plain.write_text(VALID)
+    """Missing file, a folder, corrupt gzip: DataError naming the path; a FIFO is refused, not opened."""
     corrupt = tmp_path / "corrupt.json.gz"
     packed = gzip.compress(VALID.encode())
     corrupt.write_bytes(packed[:12] + bytes(len(packed) - 12))
-    for path in (tmp_path / "missing.json", tmp_path, plain, corrupt):
+    for path in (tmp_path / "missing.json", tmp_path, corrupt):
         with pytest.raises(DataError, match=re.escape(str(path))):
             read_coco(path)
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    assert read_elsewhere("read_coco", fifo) == {"error": f"{fifo}: cannot read: not a regular file but a FIFO"}
+    assert read_elsewhere("load_boxes", fifo)["error"].startswith(f"{fifo}: not a recognised annotation source")
     with pytest.raises(DataError, match="no such file"):
         load_boxes(tmp_path / "missing.json")
     with pytest.raises(DataError, match="not a recognised annotation source"):
         load_boxes(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["plain.json.gz", "packed.json", "PACKED.JSON.GZ", "packed.Json.Gz"])
+def test_coco_gzip_is_told_by_its_bytes(name: str, tmp_path: Path) -> None:
+    """A file is read as gzip when it starts with gzip's magic bytes, whatever its name says."""
+    path = tmp_path / name
+    path.write_bytes(VALID.encode() if name.startswith("plain") else gzip.compress(VALID.encode()))
+    for read in (read_coco, load_boxes):
+        box_set = read_clean(read, path, strict=True)
+        assert len(box_set) == 3 and box_set.image_names == ("a.jpg", "b.jpg")

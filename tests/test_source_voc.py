@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 
 from lightning_autoanchor.errors import DataError
-from lightning_autoanchor.sources import load_boxes, read_voc
+from lightning_autoanchor.sources import PROBLEMS, load_boxes, read_voc
 
 from .conftest import (
     KNOWN_COUNTS,
     assert_same_boxes,
     check_policy,
+    make_special,
     read_clean,
+    read_elsewhere,
     small_voc,
     voc_xml,
     write_image,
@@ -148,3 +150,26 @@ def test_voc_unreadable_paths_are_refused(tmp_path: Path) -> None:
     for path in (tmp_path / "missing", tmp_path / "file.xml", tmp_path / "empty"):
         with pytest.raises(DataError, match=re.escape(str(path))):
             read_voc(path)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("kind", ["fifo", "socket", "device"])
+@pytest.mark.parametrize("where", ["xml", "image"])
+def test_voc_special_files_are_skipped_unopened(where: str, kind: str, workers: int, tmp_path: Path) -> None:
+    """A FIFO, socket or device as an XML file, or as the image a sizeless XML needs: skipped with a warning
+    (strict refuses it), never opened, so the read cannot hang; also in worker processes (in a subprocess)."""
+    root = small_voc(tmp_path / "VOC2007")
+    if where == "xml":
+        special = root / "Annotations" / "d.xml"
+    else:
+        (root / "Annotations" / "a.xml").write_text(voc_xml("a.jpg", None, [("dog", 1, 1, 10, 20)]))
+        (root / "JPEGImages").mkdir()
+        special = root / "JPEGImages" / "a.jpg"
+    make_special(special, kind)
+    what = {"fifo": "a FIFO", "socket": "a socket", "device": "a character device"}[kind]
+    out = read_elsewhere("read_voc", root, workers=workers)
+    n_images, n_boxes = (3, 2) if where == "image" else (4, 3)  # a sizeless a.xml; or d.xml, an image too
+    assert (out["n_images"], out["n_boxes"], out["skipped"]) == (n_images, n_boxes, {"special_file": 1}), out
+    assert out["warnings"] == [f"{root}: 1 {PROBLEMS['special_file']}. First: {special}: not a regular file but {what}"]
+    refused = read_elsewhere("read_voc", root, workers=workers, strict=True)
+    assert refused["error"].startswith(f"{special}: not a regular file but {what} (strict mode refuses"), refused

@@ -1,19 +1,24 @@
-"""The folder readers' worker processes: the same results as one process, and forked (never spawned)."""
+"""The folder readers' worker processes (``sources._workers.map_files``): the same results as one process;
+forked, never spawned; and never outliving the read, whatever happens to the worker or to its parent."""
 
 from __future__ import annotations
 
 import os
+import signal
 import struct
 import subprocess
 import sys
+import time
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from lightning_autoanchor.sources import read_voc, read_yolo
+from lightning_autoanchor.sources._workers import map_files
 
-from .conftest import by_image, load_slice, read_warned, same_box_sets, write_voc, write_yolo
+from .conftest import alarm, by_image, load_slice, read_warned, same_box_sets, write_voc, write_yolo
 
 
 def test_parallel_reads_match_serial(tmp_path: Path) -> None:
@@ -102,3 +107,133 @@ def test_progress_bar_starts_no_thread(terminal: bool, monkeypatch: pytest.Monke
             drawn = ""
     os.close(leader)
     assert ("Reading labels:   0%" in drawn) == terminal
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc to see processes")
+
+
+def children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped by its new parent, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def square_unless_in_a_worker(i: int, parent: int, doomed: int) -> int:
+    """``i * i``; item ``doomed`` kills the worker process it is read in, as the kernel does when memory runs out."""
+    if i == doomed and os.getpid() != parent:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return i * i
+
+
+def slow_square(i: int) -> int:
+    time.sleep(0.002)
+    return i * i
+
+
+@needs_proc
+@pytest.mark.parametrize("doomed", [5, 150, 299])
+def test_a_killed_worker_does_not_hang_the_read(doomed: int) -> None:
+    """A worker killed in the middle of a chunk: the read still gives every result, in order (the chunks not yet
+    received are read in this process), and no worker is left."""
+    before = children(os.getpid())
+    with alarm(60):
+        results = list(map_files(square_unless_in_a_worker, [(i, os.getpid(), doomed) for i in range(300)],
+                                 workers=3))
+    assert results == [i * i for i in range(300)]
+    assert children(os.getpid()) == before
+
+
+@needs_proc
+def test_an_error_of_the_caller_stops_the_workers_first() -> None:
+    """An exception raised by the caller while it maps (here in the loop over the results) reaches it only once
+    every worker is killed and reaped."""
+    before = children(os.getpid())
+    running = left = []
+    with alarm(60):
+        try:
+            with closing(map_files(slow_square, [(i,) for i in range(400)], workers=2)) as results:
+                for k, _ in enumerate(results):
+                    if k == 10:
+                        running = children(os.getpid())
+                        raise RuntimeError("the caller fails")
+        except RuntimeError:
+            left = children(os.getpid())
+    assert len(running) == len(before) + 2  # the workers ran while the caller failed
+    assert left == before
+
+
+MAP_IN_A_SCRIPT = """
+import os, sys, time
+from contextlib import closing
+from lightning_autoanchor.sources._workers import map_files
+
+def slow_square(i):
+    time.sleep(0.005)
+    return i * i
+
+try:
+    with closing(map_files(slow_square, [(i,) for i in range(400)], workers=2)) as results:
+        for k, _ in enumerate(results):
+            if k == 0:
+                print(*open(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read().split(), flush=True)
+except KeyboardInterrupt:
+    print("stopped; children:", *open(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read().split())
+"""
+
+
+def start_mapping() -> tuple[subprocess.Popen[str], list[int]]:
+    """A Python process mapping with 2 workers, in a session of its own; returns it and its workers' pids."""
+    proc = subprocess.Popen([sys.executable, "-c", MAP_IN_A_SCRIPT], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert proc.stdout is not None
+    workers = [int(pid) for pid in proc.stdout.readline().split()]
+    assert len(workers) == 2, proc.communicate(timeout=60)
+    return proc, workers
+
+
+def wait_until_gone(pids: list[int], seconds: float = 10) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while (left := [pid for pid in pids if alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return left
+
+
+@needs_proc
+@pytest.mark.parametrize("to_group", [True, False], ids=["group", "parent only"])
+def test_ctrl_c_while_mapping(to_group: bool) -> None:
+    """Ctrl-C while workers read, sent to the process group (the workers ignore it) or to the parent only: the
+    parent gets ``KeyboardInterrupt`` once its workers are reaped; no worker prints a traceback."""
+    proc, workers = start_mapping()
+    (os.killpg if to_group else os.kill)(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert (proc.returncode, stdout, stderr) == (0, "stopped; children:\n", "")
+    assert wait_until_gone(workers, 0) == []
+
+
+@needs_proc
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_workers_die_with_their_parent(sig: signal.Signals) -> None:
+    """The parent killed while its workers read (no Python code of it runs): they die with it at once."""
+    proc, workers = start_mapping()
+    proc.send_signal(sig)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -sig
+    assert wait_until_gone(workers) == []
+
+
+@needs_proc
+def test_a_worker_whose_parent_died_before_it_asked_ends_itself() -> None:
+    """The parent-death signal covers only a parent that dies after the worker asks for it; a worker adopted
+    before (its parent pid is no longer the one it was forked from) ends at once instead."""
+    code = ("import os, sys\nfrom lightning_autoanchor.sources._workers import _die_with_parent, _prctl\n"
+            "_die_with_parent(int(sys.argv[1]), _prctl())\nprint('went on')\n")
+    for parent, expected in ((os.getpid(), (0, "went on\n")), (os.getpid() + 1, (1, ""))):
+        proc = subprocess.run([sys.executable, "-c", code, str(parent)], capture_output=True, text=True, timeout=60)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (*expected, "")

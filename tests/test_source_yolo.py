@@ -7,6 +7,8 @@ import os
 import re
 import shutil
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import pytest
 from PIL import Image
 
 from lightning_autoanchor.errors import DataError
-from lightning_autoanchor.sources import load_boxes, read_voc, read_yolo
+from lightning_autoanchor.sources import PROBLEMS, load_boxes, read_voc, read_yolo
 
 from .conftest import (
     KNOWN_COUNTS,
@@ -23,7 +25,9 @@ from .conftest import (
     assert_same_boxes,
     check_policy,
     load_slice,
+    make_special,
     read_clean,
+    read_elsewhere,
     read_warned,
     same_box_sets,
     small_yolo,
@@ -300,3 +304,63 @@ def test_yolo_unreadable_paths_are_refused(tmp_path: Path) -> None:
             read_yolo(path)
     upper = small_yolo(tmp_path / "up").rename(tmp_path / "up" / "DATA.YAML")
     assert len(read_clean(load_boxes, upper)) == 3
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("kind", ["fifo", "socket", "device"])
+@pytest.mark.parametrize("where", ["label", "image"])
+def test_yolo_special_files_are_skipped_unopened(where: str, kind: str, workers: int, tmp_path: Path) -> None:
+    """A FIFO, socket or device where a label file or an image should be: skipped with a warning (strict refuses
+    it), never opened, so the read cannot hang; also in worker processes. Each read runs in a subprocess."""
+    yaml_path = small_yolo(tmp_path)
+    images, labels = tmp_path / "images" / "train", tmp_path / "labels" / "train"
+    if where == "label":
+        write_image(images / "d.jpg", 30, 40)
+        special = labels / "d.txt"
+    else:
+        (labels / "d.txt").write_text("0 0.5 0.5 0.2 0.4\n")
+        special = images / "d.jpg"
+    make_special(special, kind)
+    what = {"fifo": "a FIFO", "socket": "a socket", "device": "a character device"}[kind]
+    for path in (yaml_path, labels):
+        out = read_elsewhere("read_yolo", path, cache=False, workers=workers)
+        assert (out["n_images"], out["n_boxes"], out["skipped"]) == (4, 3, {"special_file": 1}), out
+        assert out["warnings"] == [f"{path}: 1 {PROBLEMS['special_file']}. First: {special}: not a regular file "
+                                   f"but {what}"]
+        refused = read_elsewhere("read_yolo", path, cache=False, workers=workers, strict=True)
+        assert refused["error"].startswith(f"{special}: not a regular file but {what} (strict mode refuses"), refused
+
+
+def test_yolo_symlink_loops_are_walked_once(tmp_path: Path) -> None:
+    """Links from inside the dataset back up its tree (and a link to itself): no loop, no traceback; every
+    folder is listed once, so the read is the one without the links but for the self-link's warning."""
+    yaml_path = small_yolo(tmp_path)
+    labels = tmp_path / "labels" / "train"
+    expected = read_clean(read_yolo, yaml_path, cache=False)
+    (labels / "up").symlink_to("..", target_is_directory=True)
+    (labels / "root").symlink_to(tmp_path, target_is_directory=True)
+    (tmp_path / "images" / "train" / "again").symlink_to("../train", target_is_directory=True)
+    (tmp_path / "images" / "train" / "twice").symlink_to("../../images", target_is_directory=True)
+    for path in (yaml_path, labels, tmp_path):
+        out = read_elsewhere("read_yolo", path, cache=False)
+        assert (out["n_images"], out["n_boxes"], out["skipped"], out["warnings"]) == (3, 3, {}, []), out
+        assert out["names"] == list(expected.image_names)
+    (labels / "self.txt").symlink_to("self.txt")
+    out = read_elsewhere("read_yolo", labels, cache=False)
+    assert (out["n_boxes"], out["skipped"]) == (3, {"unreadable_file": 1, "unreadable_image": 1}), out
+    shown = " | ".join(out["warnings"])
+    assert f"{labels / 'self.txt'}: cannot read: [Errno 40] Too many levels of symbolic links" in shown
+
+
+def test_yolo_cache_that_cannot_be_written_leaves_no_file(tmp_path: Path) -> None:
+    """Writing the cache fails for real (a file size limit, as a full disk would): the read goes on, and neither
+    the cache nor its temporary file is left beside the dataset."""
+    yaml_path = small_yolo(tmp_path)
+    code = ("import resource, sys\nresource.setrlimit(resource.RLIMIT_FSIZE, (256, 256))\n"
+            "from lightning_autoanchor.sources import read_yolo\nprint(len(read_yolo(sys.argv[1])))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(yaml_path)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "3\n", "")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.yaml", "images", "labels"]
+    read_clean(read_yolo, yaml_path)  # without the limit, the cache is written
+    assert sorted(p.name for p in tmp_path.iterdir())[0] == ".data.yaml.train.autoanchor-cache.npz"

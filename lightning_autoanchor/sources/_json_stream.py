@@ -6,6 +6,20 @@ one call by a typed :mod:`msgspec` decoder (fast, C speed). A cut in the wrong p
 nested value or a string) cannot form a valid array, so any failed decode falls back to decoding
 element by element with the standard library, which is exact, also accepts ``NaN``/``Infinity``,
 and says where a real syntax error is.
+
+Why by hand: no library reads a JSON file both fast and in bounded memory. ``json`` and ``msgspec``
+decode the whole file at once (``json`` also builds a dict per record); ``ijson`` streams, but
+hands out one Python dict per record at about ``json``'s pace. Reading a COCO file into box columns,
+each way in a fresh process (``python benchmarks/bench_json_stream.py --boxes 1000000``, ijson 3.6
+with its C backend, 2 shared cores, 2026-12-01; peak RSS includes about 45 MB of imports):
+
+file                                     this reader      msgspec, whole   json               ijson
+COCO val2017 boxes: 3.2 MiB, 36k boxes   0.05 s,  57 MB   0.05 s,  44 MB    0.10 s,    51 MB   0.17 s,  44 MB
+synthetic: 265 MiB, 1M boxes, polygons   1.73 s, 232 MB   1.30 s, 592 MB   12.2 s,  1,949 MB   12.2 s, 430 MB
+
+So this reader keeps ``msgspec``'s C speed (within a third) at a fraction of the memory of any
+whole-file decode, a margin that grows with the file (polygons and other fields are skipped, never
+held), and it is seven times faster than ``ijson``. It also numbers the lines of errors and bad records.
 """
 
 from __future__ import annotations
@@ -20,6 +34,8 @@ from typing import IO, Any
 import msgspec
 
 from lightning_autoanchor.errors import DataError
+
+__all__ = ["BLOCK", "Elements", "stream_arrays"]
 
 BLOCK = 16 << 20
 _LOOKAHEAD = 1 << 20  # a decode error this close to the end of the buffer may be a cut, not a fault
