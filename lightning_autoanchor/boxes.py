@@ -59,6 +59,9 @@ class BoxSet:
         image_names: ``M`` names (file names or ids) of the images, for reports; may be empty.
         source: where the boxes were read from (a path or a description).
         skipped: counts of annotations the reader skipped, by reason (see the README's data policy).
+        xy: ``(N, 2)`` float32, centre of every box in pixels of its own image (of the clipped box, for
+            boxes the reader clipped to their image), or ``None`` where the source does not give them.
+            Sizes alone serve the centred measures; the placed measure of IoU-matching heads needs centres.
     """
 
     image_sizes: np.ndarray
@@ -67,6 +70,7 @@ class BoxSet:
     image_names: Sequence[str] = ()
     source: str = ""
     skipped: Mapping[str, int] = field(default_factory=dict)
+    xy: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         sizes = np.asarray(self.image_sizes, dtype=np.float64).reshape(-1, 2)
@@ -92,19 +96,34 @@ class BoxSet:
             i = int(np.flatnonzero(bad_boxes)[0])
             raise DataError(f"box set{where}: box {i} of image {self.image_name(int(index[i]))} has size "
                             f"{wh[i].tolist()}; box sizes must be positive and finite")
+        if self.xy is not None:
+            xy = np.asarray(self.xy, dtype=np.float32)
+            if xy.shape != wh.shape:
+                raise DataError(f"box set{where}: {len(wh)} boxes but box centres of shape {xy.shape}; "
+                                f"expected ({len(wh)}, 2)")
+            bad_centres = ~np.isfinite(xy).all(1)
+            if bad_centres.any():
+                i = int(np.flatnonzero(bad_centres)[0])
+                raise DataError(f"box set{where}: box {i} of image {self.image_name(int(index[i]))} has centre "
+                                f"{xy[i].tolist()}; box centres must be finite")
+            object.__setattr__(self, "xy", xy)
 
     @classmethod
     def from_normalized(cls, image_sizes: np.ndarray, wh_normalized: np.ndarray, image_index: np.ndarray,
-                        **kwargs: object) -> BoxSet:
-        """Build from box sizes given as fractions of their image's width and height (YOLO labels)."""
+                        xy_normalized: np.ndarray | None = None, **kwargs: object) -> BoxSet:
+        """Build from box sizes (and centres, when given) as fractions of their image's width and height
+        (YOLO labels)."""
         sizes = np.asarray(image_sizes, dtype=np.float64).reshape(-1, 2)
         index = np.asarray(image_index, dtype=np.int64).reshape(-1)
         wh = np.asarray(wh_normalized, dtype=np.float64).reshape(-1, 2) * sizes[index]
-        return cls(sizes, wh, index, **kwargs)  # type: ignore[arg-type]
+        xy = None
+        if xy_normalized is not None:
+            xy = np.asarray(xy_normalized, dtype=np.float64).reshape(-1, 2) * sizes[index]
+        return cls(sizes, wh, index, xy=xy, **kwargs)  # type: ignore[arg-type]
 
     @classmethod
     def concat(cls, parts: Sequence[BoxSet], source: str = "") -> BoxSet:
-        """Join box sets (e.g. several annotation files) into one."""
+        """Join box sets (e.g. several annotation files) into one; it has centres if every part has."""
         offsets = np.cumsum([0] + [len(p.image_sizes) for p in parts])
         names: list[str] = []
         if all(p.image_names for p in parts):
@@ -122,6 +141,7 @@ class BoxSet:
             image_names=tuple(names),
             source=source or " + ".join(p.source for p in parts),
             skipped=skipped,
+            xy=np.concatenate([p.xy for p in parts]) if parts and all(p.xy is not None for p in parts) else None,
         )
 
     def __len__(self) -> int:
