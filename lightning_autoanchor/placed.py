@@ -47,6 +47,7 @@ __all__ = [
     "nearest_offsets",
     "place_boxes",
     "placed_iou",
+    "placed_overlap",
     "placed_scores",
 ]
 
@@ -86,6 +87,24 @@ def nearest_offsets(xy: Tensor, grids: Tensor, strides: Tensor, offsets: Tensor)
     return (xy - (cell + offsets) * strides).abs().to(torch.float32)
 
 
+def placed_overlap(wh: Tensor, dxy: Tensor, anchors: Tensor) -> Tensor:
+    """Overlap area of each box with each anchor whose centre is ``dxy`` away from the box's centre.
+
+    Args:
+        wh: ``(N, 2)`` box widths and heights (pixels).
+        dxy: ``(N, 2)`` ``|dx|, |dy|`` from each box's centre to the anchors' centre (pixels).
+        anchors: ``(A, 2)`` anchor widths and heights (pixels).
+
+    Returns:
+        ``(N, A)`` overlap areas (square pixels), non-decreasing in each anchor side.
+    """
+    w, h = wh[:, 0:1], wh[:, 1:2]
+    aw, ah = anchors[:, 0], anchors[:, 1]
+    ix = torch.minimum(torch.minimum(w, aw), (w + aw) / 2 - dxy[:, 0:1]).clamp(min=0)
+    iy = torch.minimum(torch.minimum(h, ah), (h + ah) / 2 - dxy[:, 1:2]).clamp(min=0)
+    return ix * iy
+
+
 def placed_iou(wh: Tensor, dxy: Tensor, anchors: Tensor) -> Tensor:
     """IoU of each box with each anchor whose centre is ``dxy`` away from the box's centre.
 
@@ -97,12 +116,8 @@ def placed_iou(wh: Tensor, dxy: Tensor, anchors: Tensor) -> Tensor:
     Returns:
         ``(N, A)`` IoUs in ``[0, 1]``.
     """
-    w, h = wh[:, 0:1], wh[:, 1:2]
-    aw, ah = anchors[:, 0], anchors[:, 1]
-    ix = torch.minimum(torch.minimum(w, aw), (w + aw) / 2 - dxy[:, 0:1]).clamp(min=0)
-    iy = torch.minimum(torch.minimum(h, ah), (h + ah) / 2 - dxy[:, 1:2]).clamp(min=0)
-    inter = ix * iy
-    return inter / (w * h + aw * ah - inter)
+    inter = placed_overlap(wh, dxy, anchors)
+    return inter / (wh.prod(dim=1, keepdim=True) + anchors.prod(dim=1) - inter)
 
 
 def best_placed_iou(wh: Tensor, dxy: Tensor, cell_anchors: Sequence[Tensor]) -> Tensor:

@@ -20,6 +20,15 @@ SSD_GRIDS = (38, 19, 10, 5, 3, 1)
 SSD_STEPS = (8, 16, 32, 64, 100, 300)
 
 
+@pytest.fixture(autouse=True)
+def one_thread() -> object:
+    """Torch on one thread: these small operations only wait for a second core (badly, on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def random_box_set(seed: int, image_sizes: list[tuple[int, int]], per_image: int, smallest: float = 12.0) -> BoxSet:
     """Boxes from ``smallest`` px to the image's shorter side, log-uniform, anywhere inside their image."""
     rng = np.random.default_rng(seed)
