@@ -19,6 +19,7 @@ _EXPORTS = {
     "fit_anchors": "lightning_autoanchor.optimizer",
     "AnchorUpdate": "lightning_autoanchor.refit",
     "refit_anchors": "lightning_autoanchor.refit",
+    "restore_anchors": "lightning_autoanchor.restore",
     "AnchorScores": "lightning_autoanchor.metrics",
     "score_anchors": "lightning_autoanchor.metrics",
     "ratio_metric": "lightning_autoanchor.metrics",

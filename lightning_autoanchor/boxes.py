@@ -272,6 +272,12 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
+def describe_img_size(img_size: ImgSize) -> str:
+    """``640`` for a square training size, ``1280x736`` for width x height."""
+    width, height = training_size(img_size)
+    return f"{width:g}" if width == height else f"{width:g}x{height:g}"
+
+
 def training_size(img_size: ImgSize) -> tuple[float, float]:
     """``(width, height)`` of the training size ``img_size`` (a number: a square), checked.
 

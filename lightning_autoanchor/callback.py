@@ -18,15 +18,17 @@ from typing import Any, Literal
 import torch
 from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch import nn
+from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_autoanchor.boxes import BoxSet
 from lightning_autoanchor.collective import SpawnHandoff, outcome_from_rank_zero, write_on_every_rank
 from lightning_autoanchor.errors import AutoAnchorError, ConfigError
-from lightning_autoanchor.heads import Heads, anchors_match, find_heads, write_all
+from lightning_autoanchor.heads import Heads, find_heads, holds, write_heads
+from lightning_autoanchor.placed import place_boxes
 from lightning_autoanchor.refit import AnchorUpdate, follows_strides, refit_anchors
-from lightning_autoanchor.reporting import log_update, report_lines, save_update
+from lightning_autoanchor.refit_grid import GridUpdate, refit_grid_anchors, update_from_dict
+from lightning_autoanchor.reporting import grid_report_lines, log_update, report_lines, save_grid_update, save_update
 from lightning_autoanchor.settings import AnchorSettings, Metric, Resize
 from lightning_autoanchor.sources import load_boxes
 from lightning_autoanchor.sources.training import training_boxes, training_img_size
@@ -34,6 +36,7 @@ from lightning_autoanchor.sources.training import training_boxes, training_img_s
 __all__ = ["AutoAnchor"]
 
 _STATE_VERSION = 2
+Update = AnchorUpdate | GridUpdate
 
 
 class AutoAnchor(Callback):
@@ -122,18 +125,19 @@ class AutoAnchor(Callback):
         self.save_dir = save_dir
         self.plot = plot
         self.strict = strict
-        self._update: AnchorUpdate | None = None
+        self._update: Update | None = None
         self._restored = False
+        self._heads: list[str] = []  # the paths written, for restore_anchors
         self._handoff: SpawnHandoff | None = None
 
     @property
-    def update(self) -> AnchorUpdate | None:
+    def update(self) -> Update | None:
         """What the last check did (``None`` before the first fit start): also in the process that
         started a ``ddp_spawn`` run."""
         if self._handoff is not None:
             data = self._handoff.receive()
             if data is not None:
-                self._update = AnchorUpdate.from_dict(data)
+                self._update = update_from_dict(data)
         return self._update
 
     def __getstate__(self) -> dict[str, Any]:
@@ -150,12 +154,14 @@ class AutoAnchor(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"version": _STATE_VERSION, "update": self._update.as_dict() if self._update else None}
+        return {"version": _STATE_VERSION, "update": self._update.as_dict() if self._update else None,
+                "heads": self._heads}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         data = state_dict.get("update")
-        self._update = AnchorUpdate.from_dict(data) if data else None
+        self._update = update_from_dict(data) if data else None
+        self._heads = list(state_dict.get("heads") or [])
         self._restored = True
 
     # ----------------------------------------------------------------- hooks
@@ -168,22 +174,22 @@ class AutoAnchor(Callback):
             self._resume(trainer, pl_module)
             return
         folder = self._save_folder(trainer)  # on every rank: trainer.log_dir is a collective call
-        boxes: list[BoxSet] = []  # rank 0's, kept for the plot
+        plot_wh: list[Tensor] = []  # rank 0's boxes at the training size, kept for the plot
         try:
-            update = outcome_from_rank_zero(trainer.strategy, lambda: self._check(trainer, pl_module, boxes),
+            update = outcome_from_rank_zero(trainer.strategy, lambda: self._check(trainer, pl_module, plot_wh),
                                             trainer.is_global_zero)
             heads = find_heads(pl_module, self.head)
             if update.replaced:
-                write_on_every_rank(trainer.strategy, lambda: write_all(heads, update.anchors_after),
-                                    lambda: write_all(heads, update.anchors_before))
+                write_on_every_rank(trainer.strategy, lambda: write_heads(heads, update.anchors_after),
+                                    lambda: write_heads(heads, update.anchors_before))
         except AutoAnchorError as err:
             if self.on_error == "warn" and not isinstance(err, ConfigError):
                 self._warn(f"AutoAnchor: {err} -- training goes on with the anchors unchanged.")
                 return
             raise
-        self._update = update
+        self._update, self._heads = update, heads.names
         if trainer.is_global_zero:
-            self._report(trainer, heads, update, folder, boxes[0] if boxes else None)
+            self._report(trainer, heads, update, folder, plot_wh[0] if plot_wh else None)
             if self._handoff is not None:
                 self._handoff.send(update.as_dict())
 
@@ -194,17 +200,17 @@ class AutoAnchor(Callback):
             self._write_back(trainer, find_heads(pl_module, self.head))
 
     # ----------------------------------------------------------------- steps
-    def _check(self, trainer: Any, pl_module: nn.Module, keep: list[BoxSet]) -> AnchorUpdate:
+    def _check(self, trainer: Any, pl_module: nn.Module, plot_wh: list[Tensor]) -> Update:
         """Rank 0: read the boxes, score the primary head's anchors, fit new ones if they fit badly."""
         heads = find_heads(pl_module, self.head)
         if heads.unwritten:
             self._warn(f"AutoAnchor: {heads.unwritten} look like detection heads too but are not written; name "
                        f"every copy in AutoAnchor(head=[...]) to keep them in step (writing {heads.names}).")
+        if heads.on_grid:
+            return self._check_grid(trainer, heads, plot_wh)
         settings = self.settings.but(img_size=training_img_size(trainer, self.settings.img_size, self._warn))
-        read = (lambda: load_boxes(self.annotations, split=self.split, strict=self.strict)) if self.annotations \
-            else None
-        boxes = training_boxes(trainer, read)
-        keep.append(boxes)
+        boxes = training_boxes(trainer, self._annotations_reader())
+        plot_wh.append(boxes.scaled(settings.img_size, settings.resize))
         primary = heads.primary
         update = refit_anchors(primary.read_anchors(), primary.strides, boxes, settings, device=_device_of(pl_module),
                                progress=trainer.progress_bar_callback is not None, where=heads.names[0])
@@ -222,26 +228,44 @@ class AutoAnchor(Callback):
                            "and cannot adapt. Unfreeze the head, or keep the anchors with AutoAnchor(enabled=False).")
         return update
 
+    def _check_grid(self, trainer: Any, heads: Heads, plot_wh: list[Tensor]) -> GridUpdate:
+        """Rank 0, for a head matching by IoU on its grid: the boxes placed as the model places them, the
+        generator's arguments scored by placed recall at the matcher's threshold and re-fitted if under
+        ``bpr_threshold`` (the model's resize and threshold, unless the settings give their own)."""
+        adapter: Any = heads.primary
+        settings = self.settings
+        boxes = training_boxes(trainer, self._annotations_reader())
+        placed = place_boxes(boxes, adapter.detector_resize(settings.min_size, settings.max_size), adapter.layout,
+                             adapter.settings.center_offset)
+        plot_wh.append(placed.wh)
+        thr = adapter.settings.iou_threshold if settings.iou_threshold is None else settings.iou_threshold
+        return refit_grid_anchors(adapter.structure(), placed, thr, bpr_threshold=settings.bpr_threshold,
+                                  seed=settings.seed, n_images=boxes.num_images, source=boxes.source)
+
+    def _annotations_reader(self) -> Callable[[], BoxSet] | None:
+        if not self.annotations:
+            return None
+        return lambda: load_boxes(self.annotations, split=self.split, strict=self.strict)  # type: ignore[arg-type]
+
     def _resume(self, trainer: Any, pl_module: nn.Module) -> None:
         """A run restored from a checkpoint: the first run's outcome stands; its anchors go back into the
-        model where the checkpoint did not hold them (e.g. a non-persistent buffer)."""
+        model where the checkpoint did not hold them (e.g. a non-persistent buffer, torchvision's cell anchors)."""
         update = self._update
         assert update is not None
         written = self._write_back(trainer, find_heads(pl_module, self.head))
         what = "new anchors fitted" if update.replaced else "anchors checked"
         again = "; written back into the model, whose checkpoint did not hold them" if written else ""
-        self._info(f"AutoAnchor: resumed; {what} in the first run stand (BPR {update.after.bpr:.4f}, fitness "
-                   f"{update.after.fitness:.4f}){again}; not checking or re-fitting again.")
+        self._info(f"AutoAnchor: resumed; {what} in the first run stand ({_headline(update)}){again}; not checking "
+                   "or re-fitting again.")
 
     def _write_back(self, trainer: Any, heads: Heads) -> bool:
         """Write the last outcome's anchors on every rank where the model's differ; whether it did."""
         update = self._update
         assert update is not None
-        differs = not all(anchors_match(a.read_anchors(), update.anchors_after) for a in heads.adapters)
-        if trainer.strategy.reduce_boolean_decision(differs, all=False):
-            before = heads.primary.read_anchors()
-            write_on_every_rank(trainer.strategy, lambda: write_all(heads, update.anchors_after),
-                                lambda: write_all(heads, before))
+        if trainer.strategy.reduce_boolean_decision(not holds(heads, update.anchors_after), all=False):
+            before = heads.primary.structure() if heads.on_grid else heads.primary.read_anchors()  # type: ignore
+            write_on_every_rank(trainer.strategy, lambda: write_heads(heads, update.anchors_after),
+                                lambda: write_heads(heads, before))
             return True
         return False
 
@@ -251,14 +275,27 @@ class AutoAnchor(Callback):
             return None
         return Path(self.save_dir or trainer.log_dir or trainer.default_root_dir)
 
-    def _report(self, trainer: Any, heads: Heads, update: AnchorUpdate, folder: Path | None,
-                boxes: BoxSet | None) -> None:
+    def _report(self, trainer: Any, heads: Heads, update: Update, folder: Path | None, wh: Tensor | None) -> None:
         log_update(trainer.loggers, update, trainer.global_step)
-        saved = [] if folder is None else save_update(
-            update, folder, heads.primary.strides.tolist(), self.settings.resize, boxes=boxes, plot=self.plot,
-            warn=self._warn)
-        self._info("\n".join(report_lines(update, heads.names, self.settings.bpr_threshold, self.settings.resize)
-                             + saved))
+        settings = self.settings
+        if isinstance(update, GridUpdate):
+            adapter: Any = heads.primary
+            saved = [] if folder is None else save_grid_update(update, folder, adapter.constructor_args(),
+                                                               wh=wh if self.plot else None, warn=self._warn)
+            lines = grid_report_lines(update, heads.names, adapter.settings)
+        else:
+            saved = [] if folder is None else save_update(update, folder, heads.primary.strides.tolist(),
+                                                          settings.resize, wh=wh if self.plot else None,
+                                                          warn=self._warn)
+            lines = report_lines(update, heads.names, settings.bpr_threshold, settings.resize)
+        self._info("\n".join(lines + saved))
+
+
+def _headline(update: Update) -> str:
+    if isinstance(update, GridUpdate):
+        after = update.after
+        return f"placed recall {after.recall:.4f} at IoU {update.thr:g}, mean best IoU {after.mean_best_iou:.4f}"
+    return f"BPR {update.after.bpr:.4f}, fitness {update.after.fitness:.4f}"
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -55,6 +55,14 @@ def _common(parser: ArgumentParser) -> None:
     parser.add_argument("--device", type=str, default="cpu", help="torch device for the per-box work, e.g. cuda")
     parser.add_argument("--quiet", action="store_true", help="no progress bars (they show only on a terminal)")
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    parser.add_argument("--family", type=Literal["yolo", "torchvision-retinanet", "torchvision-fasterrcnn",
+                                                 "torchvision-ssd"], default="yolo",
+                        help="the head: YOLO-style free anchors (default), or a torchvision detector's anchor "
+                             "generator, placed on its grid and matched by IoU (--thr is then the IoU)")
+    parser.add_argument("--min-size", type=list[int] | None, default=None,
+                        help="torchvision families: shorter-side target(s) of the resize (default: the model's)")
+    parser.add_argument("--max-size", type=int | None, default=None,
+                        help="torchvision families: longer-side cap of the resize (default: the model's)")
 
 
 def build_parser() -> ArgumentParser:
@@ -71,8 +79,9 @@ def build_parser() -> ArgumentParser:
 
     check = ArgumentParser(description="Score given anchors on a dataset: recall, anchors per box, fitness, IoU.")
     _common(check)
-    check.add_argument("--anchors", type=str, required=True,
-                       help='anchor widths and heights in pixels at --img-size: "10,13, 16,30, 33,23, ..."')
+    check.add_argument("--anchors", type=str | None, default=None,
+                       help='anchor widths and heights in pixels at --img-size: "10,13, 16,30, 33,23, ..." '
+                            "(needed for --family yolo; torchvision families check the model's own)")
     check.add_argument("--bpr-threshold", type=float, default=0.98,
                        help="the anchors fit when the best possible recall reaches this (default 0.98, as YOLOv5)")
     commands.add_subcommand("check", check, help="score given anchors on a dataset")
@@ -183,10 +192,9 @@ def _settings(args: Namespace) -> AnchorSettings:
 
 def _load(args: Namespace, device: Any) -> tuple[BoxSet, Any, int]:
     """DATA's boxes sized for training: (box set, kept wh on ``device``, number left out)."""
-    from lightning_autoanchor.boxes import MIN_FIT_SIZE
+    from lightning_autoanchor.boxes import MIN_FIT_SIZE, describe_img_size
     from lightning_autoanchor.errors import ConfigError
     from lightning_autoanchor.optimizer import prepare_boxes
-    from lightning_autoanchor.reporting import describe_img_size
     from lightning_autoanchor.sources import load_boxes
 
     box_set = load_boxes(args.data, split=args.split, strict=args.strict, progress=not args.quiet)
@@ -218,8 +226,7 @@ def _data_summary(args: Namespace, box_set: Any, dropped: int) -> dict[str, Any]
 
 
 def _print_human(args: Namespace, box_set: Any, summary: dict[str, Any], lines: list[str]) -> None:
-    from lightning_autoanchor.boxes import MIN_FIT_SIZE
-    from lightning_autoanchor.reporting import describe_img_size
+    from lightning_autoanchor.boxes import MIN_FIT_SIZE, describe_img_size
 
     small = box_set.small_boxes(args.img_size, args.resize)
     print(f"{args.data}: {len(box_set):,} boxes in {box_set.num_images:,} images, at img_size "
@@ -238,6 +245,10 @@ def run_check(args: Namespace) -> dict[str, Any]:
 
     args.img_size = _training_size(args)
     settings = _settings(args)
+    if args.anchors is None:
+        from lightning_autoanchor.errors import ConfigError
+
+        raise ConfigError("check needs --anchors (w,h pairs in pixels at --img-size) for --family yolo")
     anchors = parse_anchors(args.anchors)
     thr = settings.thr
     box_set, wh, dropped = _load(args, _device(args.device))
@@ -404,12 +415,21 @@ def _count_lines(curve: Any) -> list[str]:
 
 
 def _plot(args: Namespace, wh: Any, result: Any, curve: Any) -> Any:
-    from lightning_autoanchor.reporting import describe_img_size, plot_anchor_counts, plot_anchors
+    from lightning_autoanchor.boxes import describe_img_size
+    from lightning_autoanchor.reporting import plot_anchor_counts, plot_anchors
 
     title = f"{args.data} at {describe_img_size(args.img_size)} px"
     if curve is not None:
         return plot_anchor_counts(curve, args.plot, title=title)
     return plot_anchors(wh, result.anchors, args.plot, thr=result.thr, metric=args.metric, title=title)
+
+
+def _run(args: Namespace, command: str) -> dict[str, Any]:
+    from lightning_autoanchor.cli_torchvision import FAMILY_PREFIX, run_family
+
+    if args.family.startswith(FAMILY_PREFIX):
+        return run_family(args, command)
+    return (run_check if command == "check" else run_compute)(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -425,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = args.command
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
-            out = (run_check if command == "check" else run_compute)(args[command])
+            out = _run(args[command], command)
         _ctrl_c.check()
         if args[command].json:
             print(json.dumps(out))

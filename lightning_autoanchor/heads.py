@@ -28,9 +28,12 @@ __all__ = [
     "YoloAnchors",
     "anchors_match",
     "find_heads",
+    "holds",
     "in_averaged_model",
     "is_yolo_head",
     "write_all",
+    "write_heads",
+    "write_structure_all",
 ]
 
 READBACK_RTOL = 2.0**-7
@@ -128,8 +131,15 @@ class Heads:
     def primary(self) -> AnchorHead:
         return self.adapters[0]
 
+    @property
+    def on_grid(self) -> bool:
+        """Whether these heads place their anchors on a grid and match by IoU (torchvision's generators, whose
+        adapters give ``structure()`` and ``write(structure)``): they are fitted by placed recall."""
+        return callable(getattr(self.primary, "structure", None))
+
     def modules(self) -> list[nn.Module]:
-        return [a.module if isinstance(a, YoloAnchors) else a for a in self.adapters]  # type: ignore[misc]
+        """The modules holding the anchors (a torchvision adapter's generator)."""
+        return [getattr(a, "module", None) or getattr(a, "generator", a) for a in self.adapters]  # type: ignore[misc]
 
 
 def _resolve(root: object, path: str) -> Any:
@@ -175,7 +185,26 @@ def _head_paths(model: nn.Module) -> tuple[list[str], list[str]]:
 
 
 def _is_head_like(module: nn.Module) -> bool:
-    return is_yolo_head(module) or implements_protocol(module)
+    return is_yolo_head(module) or implements_protocol(module) or _is_torchvision(module)
+
+
+def _is_torchvision(module: object) -> bool:
+    from lightning_autoanchor.torchvision_heads import is_torchvision_generator
+
+    return is_torchvision_generator(module)
+
+
+def _adapter_at(model: nn.Module, path: str) -> Any:
+    """The adapter of the head at ``path``: torchvision's generators (or a module holding exactly one) get theirs
+    (:mod:`~lightning_autoanchor.torchvision_heads`), which reads the detector around them; others
+    :func:`as_adapter`."""
+    module = _resolve(model, path)
+    if isinstance(module, nn.Module) and not implements_protocol(module) and not is_yolo_head(module) and any(
+            _is_torchvision(m) for m in module.modules()):
+        from lightning_autoanchor.torchvision_heads import find_torchvision_anchors
+
+        return find_torchvision_anchors(model, path)
+    return as_adapter(module)
 
 
 def find_heads(model: nn.Module, names: str | Sequence[str] | None = None) -> Heads:
@@ -200,17 +229,22 @@ def find_heads(model: nn.Module, names: str | Sequence[str] | None = None) -> He
         adapters = []
         for name in names:
             try:
-                module = _resolve(model, name)
+                _resolve(model, name)
             except AttributeError:
                 raise HeadError(f"head {name!r} not found in {type(model).__name__}; candidates: "
                                 f"{own + copies or 'none'}") from None
             try:
-                adapters.append(as_adapter(module))
+                adapters.append(_adapter_at(model, name))
             except HeadError as err:
                 raise HeadError(f"head {name!r}: {err}") from None
-        primary = adapters[0].read_anchors()
-        unwritten = [n for n in copies if n not in names] + [
-            n for n in own if n not in names and anchors_match(as_adapter(_resolve(model, n)).read_anchors(), primary)]
+        if _kinds(adapters) != 1:
+            raise HeadError(f"heads {list(names)} keep their anchors in different ways (a torchvision anchor "
+                            "generator and another head): name heads of one kind")
+        unwritten = [n for n in copies if n not in names]
+        if callable(getattr(adapters[0], "read_anchors", None)):
+            primary = adapters[0].read_anchors()
+            unwritten += [n for n in own if n not in names and not _is_torchvision(_resolve(model, n))
+                          and anchors_match(as_adapter(_resolve(model, n)).read_anchors(), primary)]
         return Heads(adapters, list(names), unwritten=unwritten)
     custom = getattr(model, "autoanchor_heads", None)
     if callable(custom):
@@ -228,12 +262,48 @@ def find_heads(model: nn.Module, names: str | Sequence[str] | None = None) -> He
                "(a list writes the same anchors to several), or define autoanchor_heads() on the LightningModule")
         if not own:
             raise HeadError(f"no detection head found in {type(model).__name__}: looked for a submodule with an "
-                            f"'anchors' buffer (levels, anchors, 2) and a 'stride' tensor, or implementing "
-                            f"read_anchors()/write_anchors()/strides (the AnchorHead protocol of "
+                            f"'anchors' buffer (levels, anchors, 2) and a 'stride' tensor, a torchvision "
+                            f"AnchorGenerator or DefaultBoxGenerator (RetinaNet, Faster R-CNN, SSD), or one "
+                            f"implementing read_anchors()/write_anchors()/strides (the AnchorHead protocol of "
                             f"lightning_autoanchor.heads); {how}")
         raise HeadError(f"{len(own)} candidate detection heads in {type(model).__name__}: {own}; {how}")
     names = own + copies
-    return Heads([as_adapter(_resolve(model, n)) for n in names], names)
+    return Heads([_adapter_at(model, n) for n in names], names)
+
+
+def _kinds(adapters: Sequence[Any]) -> int:
+    """How many kinds of head are among ``adapters``: torchvision generators or the others."""
+    from lightning_autoanchor.torchvision_heads import TorchvisionAnchors
+
+    return len({isinstance(a, TorchvisionAnchors) for a in adapters})
+
+
+def write_structure_all(heads: Heads, structure: Any) -> None:
+    """Write a grid head's generator arguments (see :attr:`Heads.on_grid`) into every head, all or none."""
+    saved = [a.structure() for a in heads.adapters]
+    done = []
+    try:
+        for adapter in heads.adapters:
+            done.append(adapter)
+            adapter.write(structure)
+    except BaseException:
+        for adapter, old in zip(done, saved, strict=False):
+            adapter.write(old)
+        raise
+
+
+def write_heads(heads: Heads, anchors: Any) -> None:
+    """Write ``anchors`` into every head, all or none: a ``(levels, per_level, 2)`` tensor of pixels
+    (:func:`write_all`), or a grid head's generator arguments (:func:`write_structure_all`)."""
+    (write_structure_all if heads.on_grid else write_all)(heads, anchors)
+
+
+def holds(heads: Heads, anchors: Any) -> bool:
+    """Whether every head already holds ``anchors`` (as :func:`write_heads` takes them; tensors compared
+    within :data:`READBACK_RTOL`)."""
+    if heads.on_grid:
+        return all(adapter.structure() == anchors for adapter in heads.adapters)  # type: ignore[attr-defined]
+    return all(anchors_match(adapter.read_anchors(), anchors) for adapter in heads.adapters)
 
 
 def anchors_match(current: Tensor, expected: Tensor) -> bool:

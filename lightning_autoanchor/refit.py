@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_autoanchor.boxes import MIN_FIT_SIZE, BoxSet
+from lightning_autoanchor.boxes import MIN_FIT_SIZE, BoxSet, describe_img_size
 from lightning_autoanchor.errors import AnchorFitError, ConfigError, HeadError
 from lightning_autoanchor.metrics import AnchorScores, score_anchors
 from lightning_autoanchor.optimizer import fit_anchors, prepare_boxes
@@ -45,7 +45,7 @@ class AnchorUpdate:
     before: AnchorScores
     after: AnchorScores
     candidate: AnchorScores | None
-    img_size: float
+    img_size: float | list[float]
     metric: Metric
     thr: float
     seed: int
@@ -123,13 +123,14 @@ def assign_to_levels(anchors: Tensor, strides: Tensor, per_level: int) -> Tensor
     return out
 
 
-def check_img_size(img_size: float, strides: Tensor) -> None:
-    """Raise :class:`ConfigError` unless ``img_size`` is a positive multiple of the largest stride."""
+def check_img_size(img_size: float | tuple[float, float], strides: Tensor) -> None:
+    """Raise :class:`ConfigError` unless each side of ``img_size`` is a positive multiple of the largest stride."""
     largest = float(strides.max())
-    if not img_size > 0 or img_size % largest:
-        nearest = max(1, round(img_size / largest)) * largest
-        raise ConfigError(f"img_size {img_size:g} is not a multiple of the head's largest stride {largest:g}: "
-                          f"train at a size the network can tile (e.g. {nearest:g})")
+    for side in img_size if isinstance(img_size, tuple | list) else (img_size,):
+        if not side > 0 or side % largest:
+            nearest = max(1, round(side / largest)) * largest
+            raise ConfigError(f"img_size {side:g} is not a multiple of the head's largest stride {largest:g}: "
+                              f"train at a size the network can tile (e.g. {nearest:g})")
 
 
 def refit_anchors(anchors: Tensor, strides: Tensor, boxes: BoxSet, settings: AnchorSettings | None = None, *,
@@ -171,7 +172,7 @@ def refit_anchors(anchors: Tensor, strides: Tensor, boxes: BoxSet, settings: Anc
                                 .to(device))
     if len(check_wh) == 0:
         raise AnchorFitError(f"every box of {boxes.source or 'the box set'} is under {MIN_FIT_SIZE:g} px at "
-                             f"img_size {img_size:g}")
+                             f"img_size {describe_img_size(img_size)}")
     before_anchors = anchors.detach().to(torch.float32).cpu()
     flat_before = before_anchors.reshape(-1, 2).to(check_wh.device)
     before = score_anchors(check_wh, flat_before, settings.thr, settings.metric)
@@ -191,7 +192,7 @@ def refit_anchors(anchors: Tensor, strides: Tensor, boxes: BoxSet, settings: Anc
         before=before,
         after=after,
         candidate=candidate,
-        img_size=float(img_size),
+        img_size=[float(v) for v in img_size] if isinstance(img_size, tuple) else float(img_size),
         metric=settings.metric,
         thr=float(settings.thr),  # type: ignore[arg-type]
         seed=settings.seed,

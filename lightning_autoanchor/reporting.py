@@ -17,28 +17,29 @@ import torch
 from torch import Tensor
 
 from lightning_autoanchor import __version__
-from lightning_autoanchor.boxes import ImgSize, training_size
+from lightning_autoanchor.boxes import ImgSize, describe_img_size
 from lightning_autoanchor.errors import ConfigError
 from lightning_autoanchor.levels import Levels, default_strides, level_counts
 from lightning_autoanchor.metrics import AnchorScores
 
 if TYPE_CHECKING:
     from lightning_autoanchor.anchor_count import AnchorCountResult
-    from lightning_autoanchor.boxes import BoxSet
     from lightning_autoanchor.refit import AnchorUpdate
+    from lightning_autoanchor.refit_grid import GridUpdate
 
 __all__ = [
     "PLOT_NAME",
     "YAML_NAME",
     "anchors_per_level",
     "anchors_yaml",
-    "describe_img_size",
     "describe_scores",
+    "grid_report_lines",
     "header_comments",
     "log_update",
     "plot_anchor_counts",
     "plot_anchors",
     "report_lines",
+    "save_grid_update",
     "save_update",
     "write_atomic",
     "write_text_atomic",
@@ -133,12 +134,6 @@ def describe_scores(scores: AnchorScores, thr: float, metric: str) -> list[str]:
     ]
 
 
-def describe_img_size(img_size: ImgSize) -> str:
-    """``640`` for a square training size, ``1280x736`` for width x height."""
-    width, height = training_size(img_size)
-    return f"{width:g}" if width == height else f"{width:g}x{height:g}"
-
-
 def header_comments(source: str, img_size: ImgSize, resize: str, metric: str, thr: float,
                     scores: AnchorScores, seed: int | None = None) -> list[str]:
     """Comment lines for the anchors YAML: where they come from and how well they fit."""
@@ -194,7 +189,7 @@ def report_lines(update: AnchorUpdate, head_names: Sequence[str], bpr_threshold:
     """The console report of a check (and fit): what was scored, what was decided, what was written."""
     before, after = update.before, update.after
     n = update.anchors_before.reshape(-1, 2).shape[0]
-    lines = [f"AutoAnchor: {head_names[0]}, {n} anchors at img_size {update.img_size:g} ({resize}), "
+    lines = [f"AutoAnchor: {head_names[0]}, {n} anchors at img_size {describe_img_size(update.img_size)} ({resize}), "
              f"{update.metric} thr {update.thr:g}; {before.n_boxes:,} boxes in {update.n_images:,} images"]
     lines += ["  current anchors:"] + [f"    {line}" for line in describe_scores(before, update.thr, update.metric)]
     if not update.fitted:
@@ -222,32 +217,95 @@ def log_update(loggers: Sequence[Any], update: AnchorUpdate, step: int) -> None:
 
 
 def save_update(update: AnchorUpdate, folder: Path, strides: Sequence[float], resize: str, *,
-                boxes: BoxSet | None, plot: bool, warn: Callable[[str], Any]) -> list[str]:
-    """Write ``autoanchor.yaml`` (and ``autoanchor.png`` when ``plot`` and ``boxes`` are given) into
-    ``folder``; returns report lines naming what was written. A file that cannot be written only
-    warns through ``warn``: the anchors are in the model already."""
+                wh: Tensor | None, warn: Callable[[str], Any]) -> list[str]:
+    """Write ``autoanchor.yaml`` (and ``autoanchor.png`` of the boxes ``wh`` at the training size, when
+    given) into ``folder``; returns report lines naming what was written. A file that cannot be written
+    only warns through ``warn``: the anchors are in the model already."""
     levels = update.anchors_after.shape[0]
     text = anchors_yaml(update.anchors_after.reshape(-1, 2), levels, strides=strides,
                         comments=header_comments(update.source, update.img_size, resize, update.metric,
                                                  update.thr, update.after, update.seed))
+    return _save(folder, text, wh, update.anchors_after.reshape(-1, 2),
+                 update.anchors_before.reshape(-1, 2) if update.replaced else None, update.thr, update.metric,
+                 f"AutoAnchor at {describe_img_size(update.img_size)} px", warn)
+
+
+def _save(folder: Path, text: str, wh: Tensor | None, anchors: Tensor, before: Tensor | None, thr: float,
+          metric: str, title: str, warn: Callable[[str], Any]) -> list[str]:
     saved = []
     try:
         saved.append(f"anchors YAML: {write_text_atomic(folder / YAML_NAME, text)}")
     except OSError as err:
         warn(f"AutoAnchor: cannot write {folder / YAML_NAME}: {err}")
-    if not plot or boxes is None:
+    if wh is None:
         return saved
     try:
-        path = plot_anchors(boxes.scaled(update.img_size, resize), update.anchors_after.reshape(-1, 2),
-                            folder / PLOT_NAME, thr=update.thr, metric=update.metric,
-                            before=update.anchors_before.reshape(-1, 2) if update.replaced else None,
-                            title=f"AutoAnchor at {update.img_size:g} px")
+        path = plot_anchors(wh, anchors, folder / PLOT_NAME, thr=thr, metric=metric, before=before, title=title)
         saved.append(f"plot: {path}")
     except ConfigError as err:  # matplotlib missing
         saved.append(f"(no plot: {err})")
     except Exception as err:  # a plot never stops training
         warn(f"AutoAnchor: could not save the plot: {err!r}")
     return saved
+
+
+def _cell_wh(structure: dict[str, Any]) -> Tensor:
+    from lightning_autoanchor.refit_grid import structure_from_dict
+
+    return torch.cat(structure_from_dict(structure).cell_anchors())
+
+
+def grid_report_lines(update: GridUpdate, head_names: Sequence[str], detector: Any) -> list[str]:
+    """The console report of a grid head's check (and fit), in placed recall at the matcher's threshold.
+
+    ``detector``: the head's :class:`~lightning_autoanchor.torchvision_heads.TorchvisionSettings`.
+    """
+    before, after = update.before, update.after
+    resize = (f"fixed {detector.fixed_size[0]}x{detector.fixed_size[1]}" if detector.fixed_size else
+              f"min_size {list(detector.min_size)}, max_size {detector.max_size}")
+    lines = [f"AutoAnchor: {head_names[0]} ({detector.family}), anchors placed as the model places them ({resize}, "
+             f"padded to {detector.size_divisible}); {before.n_boxes:,} boxes in {update.n_images:,} images",
+             f"  measure: placed recall, the share of boxes whose best IoU with an anchor the model generates "
+             f"is >= {update.thr:g} (the matcher's foreground threshold)"]
+
+    def scores(s: Any) -> list[str]:
+        return [f"    placed recall {s.recall:.4f}, mean best IoU {s.mean_best_iou:.4f}, matched only as the "
+                f"low-quality fallback {s.low_quality:.4f}"]
+
+    lines += ["  current anchors:", *scores(before)]
+    if not update.fitted:
+        lines.append(f"  placed recall {before.recall:.4f} >= {update.bpr_threshold}: the anchors fit; kept")
+        return lines
+    candidate = update.candidate
+    assert candidate is not None
+    relation = "<" if before.recall < update.bpr_threshold else ">="
+    lines.append(f"  placed recall {before.recall:.4f} {relation} {update.bpr_threshold}: fitted the generator's "
+                 f"arguments in {update.seconds:.2f} s (seed {update.seed})")
+    if not update.replaced:
+        lines.append(f"  new anchors are no better (placed recall {candidate.recall:.4f}): kept the current ones")
+        return lines
+    after_args = {k: v for k, v in update.structure_after.items() if k not in ("kind", "image_size", "clip")}
+    lines += ["  new anchors:", *scores(after), f"  written into {', '.join(head_names)}: {after_args}"]
+    return lines
+
+
+def save_grid_update(update: GridUpdate, folder: Path, constructor: dict[str, Any], *, wh: Tensor | None,
+                     warn: Callable[[str], Any]) -> list[str]:
+    """Write the generator's constructor arguments as ``autoanchor.yaml`` (and the plot of the boxes ``wh`` at
+    the network input with the cell anchors, when given) into ``folder``; see :func:`save_update`."""
+    import yaml
+
+    after = update.after
+    comments = [f"Anchors fitted by lightning-autoanchor {__version__} to {update.source}",
+                f"placed recall {after.recall:.4f} at IoU {update.thr:g}, mean best IoU {after.mean_best_iou:.4f}, "
+                f"{after.n_boxes} boxes (before: {update.before.recall:.4f}, {update.before.mean_best_iou:.4f})",
+                f"paste: {constructor['python']}"]
+    body = yaml.safe_dump({"class_path": constructor["class_path"], "init_args": constructor["init_args"]},
+                          sort_keys=False, default_flow_style=None)
+    text = "\n".join(f"# {c}" for c in comments) + "\n" + body
+    return _save(folder, text, wh, _cell_wh(update.structure_after),
+                 _cell_wh(update.structure_before) if update.replaced else None, update.thr, "iou",
+                 "AutoAnchor: boxes and cell anchors at the network input", warn)
 
 
 def plot_anchor_counts(result: AnchorCountResult, path: str | os.PathLike[str], *, title: str = "") -> Path:

@@ -66,6 +66,16 @@ def _img_size(value: Any) -> float | tuple[float, float] | None:
     return sizes if pair else sizes[0]  # type: ignore[return-value]
 
 
+def _min_size(value: Any) -> tuple[int, ...] | None:
+    """``min_size`` checked: ``None``, or one or several whole numbers of pixels (as a tuple)."""
+    if value is None:
+        return None
+    sizes = tuple(value) if isinstance(value, list | tuple) else (value,)
+    if not sizes:
+        raise ConfigError("min_size must be a number of pixels or a non-empty list of them, got []")
+    return tuple(_integer("min_size", v, 1, MAX_IMG_SIZE) for v in sizes)
+
+
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ConfigError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
@@ -95,6 +105,11 @@ class AnchorSettings:
             ``"avg_iou"`` (YOLOv2's mean best width/height IoU, every box counting).
         min_stride_ratio: smallest anchor size ``sqrt(w * h)`` as a multiple of its level's stride,
             kept inside the fit (1.0: no anchor under its stride); ``None``: no limit.
+        min_size, max_size: for heads that resize like torchvision's detectors: the shorter-side
+            target(s) and the longer-side cap in pixels, in place of the model's own (``None``: read
+            from the model).
+        iou_threshold: for heads that match by IoU on their grid (torchvision's): the foreground IoU
+            in place of the model's matcher's (``None``: read from the model).
     """
 
     img_size: float | tuple[float, float] | None = None
@@ -109,6 +124,9 @@ class AnchorSettings:
     seed: int = 0
     objective: Objective = "fitness"
     min_stride_ratio: float | None = None
+    min_size: int | tuple[int, ...] | None = None
+    max_size: int | None = None
+    iou_threshold: float | None = None
 
     def __post_init__(self) -> None:
         checked = {
@@ -125,6 +143,10 @@ class AnchorSettings:
             "min_stride_ratio": None if self.min_stride_ratio is None else _number(
                 "min_stride_ratio", self.min_stride_ratio, 0, 100, low_open=True,
                 what="a multiple of the level's stride (1.0: no anchor under its stride)"),
+            "min_size": _min_size(self.min_size),
+            "max_size": None if self.max_size is None else _integer("max_size", self.max_size, 1, MAX_IMG_SIZE),
+            "iou_threshold": None if self.iou_threshold is None else _number(
+                "iou_threshold", self.iou_threshold, 0, 1, low_open=True, what="an IoU"),
         }
         thr = DEFAULT_THR[self.metric] if self.thr is None else self.thr
         if self.metric == "ratio":

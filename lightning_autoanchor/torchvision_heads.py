@@ -15,7 +15,10 @@ adapter that speaks plain data (tuples, floats, NumPy arrays):
   together with the cell anchors the generator derives from them, all or nothing, never changing
   the count of anchors per location (the head's convolutions are built for it);
 - :meth:`~TorchvisionAnchors.cell_wh`: the cell anchors exactly as the generator will place them;
-- :meth:`~TorchvisionAnchors.constructor_args`: the values to paste into the model's constructor.
+- :meth:`~TorchvisionAnchors.constructor_args`: the values to paste into the model's constructor;
+- :meth:`~TorchvisionAnchors.structure` / :meth:`~TorchvisionAnchors.write` /
+  :meth:`~TorchvisionAnchors.detector_resize`: the same as the engine's types
+  (:mod:`lightning_autoanchor.grid_fit`, :mod:`lightning_autoanchor.detector_resize`), for the callback.
 
 torchvision is imported only inside functions; the package imports without it.
 
@@ -51,7 +54,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_autoanchor.detector_resize import DetectorResize
 from lightning_autoanchor.errors import HeadError
+from lightning_autoanchor.grid_fit import DefaultBoxes, GeneratorAnchors
 from lightning_autoanchor.heads import in_averaged_model
 
 __all__ = [
@@ -60,6 +65,7 @@ __all__ = [
     "TorchvisionAnchors",
     "TorchvisionSettings",
     "find_torchvision_anchors",
+    "is_torchvision_generator",
     "torchvision_generator_paths",
 ]
 
@@ -103,6 +109,12 @@ def _generator_types() -> tuple[type, type] | None:
     """
     module = sys.modules.get("torchvision.models.detection.anchor_utils")
     return None if module is None else (module.AnchorGenerator, module.DefaultBoxGenerator)
+
+
+def is_torchvision_generator(module: object) -> bool:
+    """Whether ``module`` is a torchvision ``AnchorGenerator`` or ``DefaultBoxGenerator`` (nothing is imported)."""
+    types = _generator_types()
+    return types is not None and isinstance(module, types)
 
 
 def torchvision_generator_paths(model: nn.Module) -> list[str]:
@@ -318,6 +330,21 @@ class TorchvisionAnchors(ABC):
     def constructor_args(self) -> dict[str, Any]:
         """``class_path``, ``init_args`` (YAML-ready lists) and ``python`` text of the generator to construct."""
 
+    @abstractmethod
+    def structure(self) -> GeneratorAnchors | DefaultBoxes:
+        """The generator's arguments as the engine's type (what ``refit_grid_anchors`` fits)."""
+
+    @abstractmethod
+    def write(self, structure: GeneratorAnchors | DefaultBoxes) -> None:
+        """:meth:`write_structure` from the engine's type."""
+
+    def detector_resize(self, min_size: Sequence[int] | None = None, max_size: int | None = None) -> DetectorResize:
+        """The detector's resize as the engine's type; ``min_size`` / ``max_size`` replace the model's."""
+        settings = self.settings
+        return DetectorResize(min_size=tuple(min_size) if min_size is not None else settings.min_size,
+                              max_size=max_size if max_size is not None else settings.max_size,
+                              size_divisible=settings.size_divisible, fixed_size=settings.fixed_size)
+
     def num_anchors_per_location(self) -> tuple[int, ...]:
         """Anchors per grid cell on each level, as the generator counts them."""
         return tuple(int(n) for n in self.generator.num_anchors_per_location())
@@ -432,6 +459,14 @@ class AnchorGeneratorAnchors(TorchvisionAnchors):
         self._write(sizes=_per_level(sizes, "sizes", self), aspect_ratios=_per_level(aspect_ratios, "aspect_ratios",
                                                                                     self))
 
+    def structure(self) -> GeneratorAnchors:
+        return GeneratorAnchors(*self.read_structure())
+
+    def write(self, structure: GeneratorAnchors | DefaultBoxes) -> None:
+        if not isinstance(structure, GeneratorAnchors):
+            raise HeadError(f"{self.path}: an AnchorGenerator takes sizes and aspect ratios, not {structure!r}")
+        self.write_structure(structure.sizes, structure.aspect_ratios)
+
     def _derive(self) -> None:
         generator = self.generator
         ref = generator.cell_anchors[0]
@@ -498,6 +533,17 @@ class DefaultBoxAnchors(TorchvisionAnchors):
                             f"{len(scales)}: {list(scales)}")
         ratios = _per_level(aspect_ratios, "aspect_ratios", self)
         self._write(scales=list(scales), aspect_ratios=[list(r) for r in ratios])
+
+    def structure(self) -> DefaultBoxes:
+        size = self.settings.fixed_size
+        if size is None:
+            raise HeadError(f"{self.path}: SSD's default boxes need the detector's fixed input size")
+        return DefaultBoxes(*self.read_structure(), image_size=size, clip=bool(self.generator.clip))
+
+    def write(self, structure: GeneratorAnchors | DefaultBoxes) -> None:
+        if not isinstance(structure, DefaultBoxes):
+            raise HeadError(f"{self.path}: a DefaultBoxGenerator takes scales and aspect ratios, not {structure!r}")
+        self.write_structure(structure.scales, structure.aspect_ratios)
 
     def _derive(self) -> None:
         generator = self.generator
@@ -585,3 +631,30 @@ def _tuples(values: Any) -> str:
         inner = ", ".join(_tuples(v) for v in values)
         return f"({inner},)" if len(values) == 1 else f"({inner})"
     return repr(values)
+
+
+FAMILIES = ("retinanet", "fasterrcnn", "ssd")
+"""The torchvision detector families :func:`default_anchors` builds: ``retinanet_resnet50_fpn``,
+``fasterrcnn_resnet50_fpn`` and ``ssd300_vgg16``."""
+
+
+def default_anchors(family: str, min_size: Sequence[int] | None = None,
+                    max_size: int | None = None) -> TorchvisionAnchors:
+    """The anchor generator of torchvision's stock detector of ``family`` (no weights), with its defaults, or
+    ``min_size`` / ``max_size`` in place of them: what the command line checks and fits against.
+
+    The real model is built (a few seconds on 2 cores), so that its grid, resize and matcher are the
+    model's own.
+    """
+    from torchvision.models import detection
+
+    if family not in FAMILIES:
+        raise HeadError(f"the torchvision family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    options: dict[str, Any] = {"weights": None, "weights_backbone": None}
+    if min_size is not None:
+        options["min_size"] = tuple(min_size)
+    if max_size is not None:
+        options["max_size"] = max_size
+    build = {"retinanet": detection.retinanet_resnet50_fpn, "fasterrcnn": detection.fasterrcnn_resnet50_fpn,
+             "ssd": detection.ssd300_vgg16}[family]
+    return find_torchvision_anchors(build(**options))

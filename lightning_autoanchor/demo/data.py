@@ -199,12 +199,15 @@ class _RenderedBoxesDataModule:
         return self._loader("val")
 
     def autoanchor_boxes(self) -> BoxSet:
-        """Boxes of the train split, in pixels of their original images (calls :meth:`setup` if needed)."""
+        """Boxes of the train split (sizes and centres), in pixels of their original images (calls
+        :meth:`setup` if needed)."""
         ann = self._loaded()
         rows = self.train_rows
+        xywh = np.concatenate([ann.boxes[r] for r in rows])
         return BoxSet(
             image_sizes=ann.image_sizes[rows],
-            wh=np.concatenate([ann.boxes[r][:, 2:] for r in rows]),
+            wh=xywh[:, 2:],
+            xy=xywh[:, :2] + xywh[:, 2:] / 2,
             image_index=np.concatenate([np.full(len(ann.boxes[r]), i) for i, r in enumerate(rows)]),
             image_names=tuple(ann.file_names[r] for r in rows),
             source=str(self.annotations_path),

@@ -1,0 +1,72 @@
+"""``lightning-autoanchor check|compute DATA --family torchvision-retinanet|torchvision-fasterrcnn|torchvision-ssd``:
+the command line for torchvision's IoU-matching detectors.
+
+The stock model of the family is built (no weights) so that the resize, the grid of every level and the
+matcher's threshold are the model's own; ``--min-size``, ``--max-size`` and ``--thr`` (an IoU here)
+replace the model's. ``check`` scores the model's default anchors by placed recall; ``compute`` fits the
+generator's arguments in the model's structure and prints them, ready for its constructor.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from jsonargparse import Namespace
+
+__all__ = ["FAMILY_PREFIX", "run_family"]
+
+FAMILY_PREFIX = "torchvision-"
+
+
+def run_family(args: Namespace, command: str) -> dict[str, Any]:
+    """Run ``check`` or ``compute`` for ``args.family``; returns the JSON object (printed unless ``--json``)."""
+    import yaml
+
+    from lightning_autoanchor.errors import ConfigError
+    from lightning_autoanchor.placed import place_boxes
+    from lightning_autoanchor.refit_grid import refit_grid_anchors
+    from lightning_autoanchor.reporting import grid_report_lines, write_text_atomic
+    from lightning_autoanchor.settings import AnchorSettings
+    from lightning_autoanchor.sources import load_boxes
+
+    try:
+        from lightning_autoanchor.torchvision_heads import default_anchors
+    except ImportError as err:  # pragma: no cover - torchvision is an optional extra
+        raise ConfigError(f"--family {args.family} needs torchvision: pip install 'lightning-autoanchor[torchvision]' "
+                          f"({err})") from None
+    try:
+        settings = AnchorSettings(iou_threshold=args.thr, min_size=args.min_size, max_size=args.max_size,
+                                  bpr_threshold=getattr(args, "bpr_threshold", 0.98), seed=getattr(args, "seed", 0))
+    except ConfigError as err:
+        name = str(err).split(" ", 1)[0]
+        option = {"iou_threshold": "thr"}.get(name, name).replace("_", "-")
+        raise ConfigError(f"--{option}{str(err)[len(name):]}") from None
+    adapter = default_anchors(args.family[len(FAMILY_PREFIX):], settings.min_size, settings.max_size)
+    boxes = load_boxes(args.data, split=args.split, strict=args.strict, progress=not args.quiet)
+    placed = place_boxes(boxes, adapter.detector_resize(settings.min_size, settings.max_size), adapter.layout,
+                         adapter.settings.center_offset)
+    thr = adapter.settings.iou_threshold if settings.iou_threshold is None else settings.iou_threshold
+    update = refit_grid_anchors(adapter.structure(), placed, thr, bpr_threshold=settings.bpr_threshold,
+                                seed=settings.seed, always_fit=command == "compute", n_images=boxes.num_images,
+                                source=str(args.data))
+    if update.replaced:
+        adapter.write(update.anchors_after)
+    constructor = adapter.constructor_args()
+    out = {"family": args.family, **update.as_dict(), "constructor": constructor,
+           "fits": update.before.recall >= settings.bpr_threshold, "n_images": boxes.num_images,
+           "n_boxes_read": len(boxes), "skipped": dict(boxes.skipped)}
+    if command == "compute" and args.out:
+        text = yaml.safe_dump({"class_path": constructor["class_path"], "init_args": constructor["init_args"]},
+                              sort_keys=False, default_flow_style=None)
+        out["out"] = str(write_text_atomic(args.out, f"# {constructor['python']}\n{text}"))
+    if not args.json:
+        for line in grid_report_lines(update, [adapter.path], adapter.settings):
+            print(line)
+        if command == "check":
+            print("the anchors fit" if out["fits"] else f"a re-fit is advised ({args.family} compute fits new ones)")
+        else:
+            print(f"paste: {constructor['python']}")
+        if "out" in out:
+            print(f"wrote anchors YAML: {out['out']}")
+    return out
