@@ -51,6 +51,11 @@ class AutoAnchor(Callback):
     in the log directory. A run resumed from a checkpoint keeps the anchors of the first run (and
     writes them back where the checkpoint did not hold them); a new fit checks again.
 
+    torchvision's RetinaNet, Faster R-CNN and SSD are found and served too: their anchors are scored
+    where the model places them (each level's grid, after the model's own resize) by the share of
+    boxes whose best IoU reaches the matcher's threshold, and the generator's sizes and aspect ratios
+    (SSD: scales and ratios) are fitted in the model's structure, keeping the count per location.
+
     Args:
         img_size: training image size in pixels (the longer side for letterboxing); default: the
             datamodule's ``img_size`` attribute. A warning says when the two differ.
@@ -77,6 +82,11 @@ class AutoAnchor(Callback):
         save_dir: folder for ``autoanchor.yaml`` and ``autoanchor.png`` (default: the trainer's log dir).
         plot: save the plot (needs matplotlib).
         strict: refuse bad records in ``annotations`` instead of skipping them with a warning.
+        min_stride_ratio: keep every fitted anchor's size ``sqrt(w * h)`` at or above this multiple of
+            its level's stride (1.0: no anchor under its stride), inside the fit; ``None``: no limit.
+        min_size, max_size, iou_threshold: for torchvision's detectors (IoU-matching heads whose
+            anchors sit on each level's grid): the resize's shorter-side target(s) and longer-side cap,
+            and the matcher's foreground IoU, in place of the model's own (read from it by default).
 
     Raises:
         ConfigError: a setting is out of range (when the callback is made).
@@ -105,11 +115,16 @@ class AutoAnchor(Callback):
         save_dir: str | None = None,
         plot: bool = True,
         strict: bool = False,
+        min_stride_ratio: float | None = None,
+        min_size: int | list[int] | None = None,
+        max_size: int | None = None,
+        iou_threshold: float | None = None,
     ) -> None:
         super().__init__()
         self.settings = AnchorSettings(img_size=img_size, bpr_threshold=bpr_threshold, thr=thr, metric=metric,
                                        generations=generations, seed=seed, resize=resize, scale_jitter=scale_jitter,
-                                       mutation_prob=mutation_prob, sigma=sigma)
+                                       mutation_prob=mutation_prob, sigma=sigma, min_stride_ratio=min_stride_ratio,
+                                       min_size=min_size, max_size=max_size, iou_threshold=iou_threshold)
         if on_error not in ("raise", "warn"):
             raise ConfigError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
         paths = [head] if isinstance(head, str) else head
@@ -213,7 +228,8 @@ class AutoAnchor(Callback):
         plot_wh.append(boxes.scaled(settings.img_size, settings.resize))
         primary = heads.primary
         update = refit_anchors(primary.read_anchors(), primary.strides, boxes, settings, device=_device_of(pl_module),
-                               progress=trainer.progress_bar_callback is not None, where=heads.names[0])
+                               progress=trainer.progress_bar_callback is not None, where=heads.names[0],
+                               advise_count=True)
         strides = primary.strides
         if not update.replaced and not follows_strides(update.anchors_before, strides):
             areas = [round(a) for a in update.anchors_before.prod(-1).mean(-1).tolist()]

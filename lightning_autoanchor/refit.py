@@ -36,6 +36,8 @@ class AnchorUpdate:
         candidate: scores of the fitted anchors, kept or not (``None`` when no fit ran).
         img_size, metric, thr, seed: the settings used; ``n_images``, ``source``: the data used.
         seconds: wall time of the check and fit.
+        advice: a sentence when the head's count of anchors is far from the knee of the anchor-count
+            curve on these boxes (``refit_anchors(..., advise_count=True)``), else ``None``.
     """
 
     replaced: bool
@@ -52,6 +54,7 @@ class AnchorUpdate:
     n_images: int
     source: str
     seconds: float
+    advice: str | None = None
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, AnchorUpdate) and self.as_dict() == other.as_dict()
@@ -135,7 +138,7 @@ def check_img_size(img_size: float | tuple[float, float], strides: Tensor) -> No
 
 def refit_anchors(anchors: Tensor, strides: Tensor, boxes: BoxSet, settings: AnchorSettings | None = None, *,
                   device: torch.device | str | None = None, progress: bool = False, where: str = "the head",
-                  **options: Any) -> AnchorUpdate:
+                  advise_count: bool = False, **options: Any) -> AnchorUpdate:
     """Score ``anchors`` on ``boxes``; if BPR is under ``settings.bpr_threshold``, fit new ones.
 
     New anchors (as many as given) are kept only when their BPR beats the current anchors'
@@ -153,6 +156,12 @@ def refit_anchors(anchors: Tensor, strides: Tensor, boxes: BoxSet, settings: Anc
         device: where the per-box work runs.
         progress: show the evolution's progress bar on a terminal.
         where: the head's name, for messages.
+        advise_count: also fit the anchor-count curve on the boxes (counts of 3 to 15 anchors, a
+            multiple of the levels; about a second for 30k boxes) and say in ``advice`` when the head's
+            count is far from its knee (:func:`~lightning_autoanchor.anchor_count.fit_anchor_counts`).
+
+    With ``settings.min_stride_ratio``, the fit keeps each anchor at or above that multiple of the
+    stride of the level it is laid out on.
 
     Raises:
         HeadError: the anchors are not ``(levels, anchors, 2)``, finite and positive.
@@ -177,13 +186,27 @@ def refit_anchors(anchors: Tensor, strides: Tensor, boxes: BoxSet, settings: Anc
     flat_before = before_anchors.reshape(-1, 2).to(check_wh.device)
     before = score_anchors(check_wh, flat_before, settings.thr, settings.metric)
     after_anchors, after, candidate = before_anchors, before, None
+    levels, per_level = before_anchors.shape[:2]
+    in_stride_order = sorted(strides.tolist())
+    fit_wh = boxes.scaled(img_size, settings.resize).to(device)
     if before.bpr < settings.bpr_threshold:
-        result = fit_anchors(boxes.scaled(img_size, settings.resize).to(device), len(flat_before), settings,
-                             progress=progress)
+        result = fit_anchors(fit_wh, len(flat_before), settings, levels=(per_level,) * levels,
+                             strides=in_stride_order, progress=progress)
         candidate = score_anchors(check_wh, result.anchors.to(check_wh.device), settings.thr, settings.metric)
         if candidate.bpr > before.bpr:
-            after_anchors = assign_to_levels(result.anchors, strides, before_anchors.shape[1])
+            after_anchors = assign_to_levels(result.anchors, strides, per_level)
             after = candidate
+    advice = None
+    if advise_count:
+        from lightning_autoanchor.anchor_count import CURVE_GENERATIONS, fit_anchor_counts
+
+        counts = range(levels, max(15, len(flat_before)) + 1)
+        try:
+            curve = fit_anchor_counts(fit_wh, counts, settings.but(generations=CURVE_GENERATIONS), levels=levels,
+                                      strides=in_stride_order)
+            advice = curve.advice(len(flat_before))
+        except AnchorFitError:  # fewer boxes than the largest count: no curve, no advice
+            advice = None
     return AnchorUpdate(
         replaced=after_anchors is not before_anchors,
         fitted=candidate is not None,
@@ -199,4 +222,5 @@ def refit_anchors(anchors: Tensor, strides: Tensor, boxes: BoxSet, settings: Anc
         n_images=boxes.num_images,
         source=boxes.source,
         seconds=time.perf_counter() - started,
+        advice=advice,
     )

@@ -192,6 +192,8 @@ def report_lines(update: AnchorUpdate, head_names: Sequence[str], bpr_threshold:
     lines = [f"AutoAnchor: {head_names[0]}, {n} anchors at img_size {describe_img_size(update.img_size)} ({resize}), "
              f"{update.metric} thr {update.thr:g}; {before.n_boxes:,} boxes in {update.n_images:,} images"]
     lines += ["  current anchors:"] + [f"    {line}" for line in describe_scores(before, update.thr, update.metric)]
+    if update.advice:
+        lines.append(f"  note: {update.advice}")
     if not update.fitted:
         lines.append(f"  BPR {before.bpr:.4f} >= {bpr_threshold}: the anchors fit; kept as they are")
         return lines

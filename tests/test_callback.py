@@ -22,7 +22,7 @@ from lightning_autoanchor.demo import RenderedBoxesDataModule, TinyYolo, YoloHea
 from lightning_autoanchor.errors import AnchorFitError, ConfigError, DataError, HeadError
 from lightning_autoanchor.heads import YoloAnchors, find_heads
 from lightning_autoanchor.refit import AnchorUpdate, refit_anchors
-from lightning_autoanchor.reporting import PLOT_NAME, YAML_NAME
+from lightning_autoanchor.reporting import PLOT_NAME, YAML_NAME, report_lines
 
 IMG = 64
 
@@ -656,3 +656,21 @@ def test_naming_only_the_model_warns_of_the_unwritten_ema_copy(tmp_path: Path) -
     named = AutoAnchor(img_size=IMG, head=["head", "ema.ema.model.24"])
     trainer(tmp_path, named).fit(WithPlainEma(), CountingData())
     assert named.update is not None and named.update.replaced
+
+
+def test_min_stride_ratio_holds_for_the_anchors_written(tmp_path: Path) -> None:
+    model, callback = TinyYolo(width=4), AutoAnchor(img_size=IMG, min_stride_ratio=1.0)
+    trainer(tmp_path, callback).fit(model, CountingData())
+    assert callback.update is not None and callback.update.replaced
+    written = model.head.anchors * model.head.stride.view(-1, 1, 1)  # (levels, per_level, 2) pixels
+    sizes = written.prod(-1).sqrt()
+    assert bool((sizes >= model.head.stride.view(-1, 1) * (1 - 1e-4)).all()), sizes
+
+
+def test_the_report_says_when_the_count_is_far_from_the_knee(voc2007: BoxSet) -> None:
+    anchors = torch.tensor(np.exp(np.linspace(np.log(8), np.log(300), 15)), dtype=torch.float32)
+    anchors = anchors[:, None].repeat(1, 2).reshape(3, 5, 2)  # 15 square anchors, 5 per level
+    update = refit_anchors(anchors, torch.tensor([8.0, 16.0, 32.0]), voc2007, img_size=640, advise_count=True,
+                           generations=0)
+    assert update.advice is not None and update.advice.startswith("the head has 15 anchors")
+    assert update.advice in "\n".join(report_lines(update, ["head"], 0.98, "letterbox"))
