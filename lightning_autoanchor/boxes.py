@@ -9,8 +9,7 @@ that image, so it can be resized the way the training pipeline resizes images:
     each image side is scaled to ``img_size``; with ``img_size=1`` boxes are normalised by image size.
 
 A :class:`BoxSet` holds NumPy arrays and this module loads torch only when a function returns a
-tensor, so the readers, which build box sets, run in processes that never import torch (the CLI
-reads in one while its main process imports torch).
+tensor, so the readers, which build box sets, and their worker processes never import torch.
 """
 
 from __future__ import annotations
