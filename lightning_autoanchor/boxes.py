@@ -8,6 +8,12 @@ that image, so it can be resized the way the training pipeline resizes images:
 ``"stretch"`` (darknet YOLOv2/v3, torchvision-style square resize)
     each image side is scaled to ``img_size``; with ``img_size=1`` boxes are normalised by image size.
 
+``img_size`` may also be a training size ``(W, H)`` that is not square. Then ``"letterbox"`` scales
+each image (``w x h`` pixels) by ``min(W / w, H / h)``: the largest size at which it fits in
+``W x H`` with its aspect ratio kept, padded to ``W x H`` (YOLOv5's ``letterbox(img, new_shape=(H, W))``
+with ``scaleup=True``, MMYOLO's ``LetterResize(scale=(W, H))``); a square ``(S, S)`` is the same as
+``S``. ``"stretch"`` scales the width by ``W / w`` and the height by ``H / h``.
+
 A :class:`BoxSet` holds NumPy arrays and this module loads torch only when a function returns a
 tensor, so the readers, which build box sets, and their worker processes never import torch.
 """
@@ -26,6 +32,9 @@ from lightning_autoanchor.settings import Resize
 
 if TYPE_CHECKING:
     from torch import Tensor
+
+ImgSize = float | tuple[float, float]
+"""A square training size in pixels, or a training size ``(width, height)``."""
 
 MIN_FIT_SIZE = 2.0
 """The 2 px rule, as YOLOv5's AutoAnchor has it: boxes smaller than this (pixels at the training size)
@@ -49,6 +58,9 @@ class BoxSet:
         image_names: ``M`` names (file names or ids) of the images, for reports; may be empty.
         source: where the boxes were read from (a path or a description).
         skipped: counts of annotations the reader skipped, by reason (see the README's data policy).
+        xy: ``(N, 2)`` float32, centre of every box in pixels of its own image (of the clipped box, for
+            boxes the reader clipped to their image), or ``None`` where the source does not give them.
+            Sizes alone serve the centred measures; the placed measure of IoU-matching heads needs centres.
     """
 
     image_sizes: np.ndarray
@@ -57,6 +69,7 @@ class BoxSet:
     image_names: Sequence[str] = ()
     source: str = ""
     skipped: Mapping[str, int] = field(default_factory=dict)
+    xy: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         sizes = np.asarray(self.image_sizes, dtype=np.float64).reshape(-1, 2)
@@ -82,19 +95,34 @@ class BoxSet:
             i = int(np.flatnonzero(bad_boxes)[0])
             raise DataError(f"box set{where}: box {i} of image {self.image_name(int(index[i]))} has size "
                             f"{wh[i].tolist()}; box sizes must be positive and finite")
+        if self.xy is not None:
+            xy = np.asarray(self.xy, dtype=np.float32)
+            if xy.shape != wh.shape:
+                raise DataError(f"box set{where}: {len(wh)} boxes but box centres of shape {xy.shape}; "
+                                f"expected ({len(wh)}, 2)")
+            bad_centres = ~np.isfinite(xy).all(1)
+            if bad_centres.any():
+                i = int(np.flatnonzero(bad_centres)[0])
+                raise DataError(f"box set{where}: box {i} of image {self.image_name(int(index[i]))} has centre "
+                                f"{xy[i].tolist()}; box centres must be finite")
+            object.__setattr__(self, "xy", xy)
 
     @classmethod
     def from_normalized(cls, image_sizes: np.ndarray, wh_normalized: np.ndarray, image_index: np.ndarray,
-                        **kwargs: object) -> BoxSet:
-        """Build from box sizes given as fractions of their image's width and height (YOLO labels)."""
+                        xy_normalized: np.ndarray | None = None, **kwargs: object) -> BoxSet:
+        """Build from box sizes (and centres, when given) as fractions of their image's width and height
+        (YOLO labels)."""
         sizes = np.asarray(image_sizes, dtype=np.float64).reshape(-1, 2)
         index = np.asarray(image_index, dtype=np.int64).reshape(-1)
         wh = np.asarray(wh_normalized, dtype=np.float64).reshape(-1, 2) * sizes[index]
-        return cls(sizes, wh, index, **kwargs)  # type: ignore[arg-type]
+        xy = None
+        if xy_normalized is not None:
+            xy = np.asarray(xy_normalized, dtype=np.float64).reshape(-1, 2) * sizes[index]
+        return cls(sizes, wh, index, xy=xy, **kwargs)  # type: ignore[arg-type]
 
     @classmethod
     def concat(cls, parts: Sequence[BoxSet], source: str = "") -> BoxSet:
-        """Join box sets (e.g. several annotation files) into one."""
+        """Join box sets (e.g. several annotation files) into one; it has centres if every part has."""
         offsets = np.cumsum([0] + [len(p.image_sizes) for p in parts])
         names: list[str] = []
         if all(p.image_names for p in parts):
@@ -112,6 +140,7 @@ class BoxSet:
             image_names=tuple(names),
             source=source or " + ".join(p.source for p in parts),
             skipped=skipped,
+            xy=np.concatenate([p.xy for p in parts]) if parts and all(p.xy is not None for p in parts) else None,
         )
 
     def __len__(self) -> int:
@@ -125,22 +154,25 @@ class BoxSet:
         """Name of image ``i`` for messages: its file name when known, else its index."""
         return str(self.image_names[i]) if self.image_names else f"#{i}"
 
-    def image_scales(self, img_size: float, resize: Resize = "letterbox") -> np.ndarray:
-        """``(M, 2)`` factors from original image pixels to pixels at the training size."""
-        if not (np.isfinite(img_size) and img_size > 0):
-            raise ConfigError(f"img_size must be a positive number of pixels, got {img_size}")
+    def image_scales(self, img_size: ImgSize, resize: Resize = "letterbox") -> np.ndarray:
+        """``(M, 2)`` factors from original image pixels to pixels at the training size (see module doc)."""
+        width, height = training_size(img_size)
         if resize == "letterbox":
-            return np.repeat(img_size / self.image_sizes.max(axis=1, keepdims=True), 2, axis=1)
+            if width == height:
+                return np.repeat(width / self.image_sizes.max(axis=1, keepdims=True), 2, axis=1)
+            fit = np.minimum(width / self.image_sizes[:, :1], height / self.image_sizes[:, 1:])
+            return np.repeat(fit, 2, axis=1)
         if resize == "stretch":
-            return img_size / self.image_sizes
+            return np.array([width, height]) / self.image_sizes
         raise ConfigError(f"resize must be 'letterbox' or 'stretch', got {resize!r}")
 
-    def scaled(self, img_size: float, resize: Resize = "letterbox", scale_jitter: float = 0.0,
+    def scaled(self, img_size: ImgSize, resize: Resize = "letterbox", scale_jitter: float = 0.0,
                seed: int = 0) -> Tensor:
         """Box sizes as the network sees them.
 
         Args:
-            img_size: training image size (pixels; the longer side for ``"letterbox"``).
+            img_size: training image size (pixels; the longer side for ``"letterbox"``), or
+                ``(width, height)`` (see module doc).
             resize: ``"letterbox"`` or ``"stretch"`` (see module doc).
             scale_jitter: each image is further scaled by a factor drawn uniformly from
                 ``[1 - scale_jitter, 1 + scale_jitter]`` (YOLOv5's recall check uses 0.1). The factor
@@ -155,7 +187,7 @@ class BoxSet:
 
         return torch.from_numpy(self._scaled_array(img_size, resize, scale_jitter, seed))
 
-    def _scaled_array(self, img_size: float, resize: Resize, scale_jitter: float = 0.0, seed: int = 0) -> np.ndarray:
+    def _scaled_array(self, img_size: ImgSize, resize: Resize, scale_jitter: float = 0.0, seed: int = 0) -> np.ndarray:
         """:meth:`scaled` as an ``(N, 2)`` float32 NumPy array."""
         factors = self.image_scales(img_size, resize)
         if scale_jitter:
@@ -179,7 +211,7 @@ class BoxSet:
         mixed = _splitmix64(keys ^ _splitmix64(np.array([seed % (1 << 64)], dtype=np.uint64)))
         return (mixed >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
-    def small_boxes(self, img_size: float, resize: Resize = "letterbox",
+    def small_boxes(self, img_size: ImgSize, resize: Resize = "letterbox",
                     min_side: float = SMALL_BOX_SIZE) -> SmallBoxes:
         """Which boxes are under ``min_side`` pixels on either side at the training size."""
         wh = self._scaled_array(img_size, resize)
@@ -236,6 +268,23 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return x ^ (x >> np.uint64(31))
+
+
+def training_size(img_size: ImgSize) -> tuple[float, float]:
+    """``(width, height)`` of the training size ``img_size`` (a number: a square), checked.
+
+    Raises:
+        ConfigError: not one or two positive finite numbers of pixels.
+    """
+    sizes = tuple(img_size) if isinstance(img_size, Sequence | np.ndarray) else (img_size,)
+    try:
+        values = tuple(float(v) for v in sizes)
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) not in (1, 2) or not all(np.isfinite(v) and v > 0 for v in values):
+        raise ConfigError(f"img_size must be a positive number of pixels or a (width, height) pair of them, "
+                          f"got {img_size!r}")
+    return (values[0], values[-1])
 
 
 def fit_mask(wh: Tensor) -> Tensor:

@@ -39,9 +39,11 @@ def _common(parser: ArgumentParser) -> None:
     from typing import Literal
 
     parser.add_argument("data", type=str, help="COCO .json/.json.gz, dataset .yaml, YOLO labels or VOC folder")
-    parser.add_argument("--img-size", type=float, default=640, help="training image size in pixels (default 640)")
+    parser.add_argument("--img-size", type=float, nargs="+", default=[640.0],
+                        help="training image size in pixels (default 640), or W H for a non-square one")
     parser.add_argument("--resize", type=Literal["letterbox", "stretch"], default="letterbox",
-                        help="how images are resized to --img-size: longer side (letterbox) or both sides")
+                        help="how images are resized to --img-size: fitted in it keeping their aspect ratio "
+                             "(letterbox: the longer side to a square size) or both sides (stretch)")
     parser.add_argument("--metric", type=Literal["ratio", "iou"], default="ratio",
                         help="match rule: YOLOv5 size ratio, or width/height IoU")
     parser.add_argument("--thr", type=float | None, default=None,
@@ -77,10 +79,20 @@ def build_parser() -> ArgumentParser:
 
     compute = ArgumentParser(description="Fit new anchors to a dataset (k-means, evolution, coordinate search).")
     _common(compute)
-    compute.add_argument("--n", type=int, default=9, help="number of anchors, all levels together (default 9)")
-    compute.add_argument("--levels", type=int | None, default=None,
-                         help="detection levels for --out (default: 3, P3-P5, when --n divides by 3, else 1)")
-    compute.add_argument("--generations", type=int, default=1000, help="mutants the evolution scores (default 1000)")
+    compute.add_argument("--n", type=anchor_count, default=None,
+                         help="number of anchors, all levels together (default 9, or the sum of --levels counts); "
+                              "'auto' (3-15) or a range such as 3-15 fits every count and recommends one")
+    compute.add_argument("--levels", type=anchor_levels, default=None,
+                         help="detection levels: a number sharing the anchors equally (default 3 when --n "
+                              "divides by 3, else 1), or the anchors of each level, e.g. 3,3,4")
+    compute.add_argument("--strides", type=str | None, default=None,
+                         help="pixels per cell of each level, e.g. 8,16,32 (default 8,16,32,...)")
+    compute.add_argument("--min-stride-ratio", type=float | None, default=None,
+                         help="keep each anchor's sqrt(w*h) at or above this multiple of its level's stride")
+    compute.add_argument("--objective", type=Literal["fitness", "avg_iou"], default="fitness",
+                         help="what the fit maximises: YOLOv5's fitness under --metric, or the average IoU")
+    compute.add_argument("--generations", type=int | None, default=None,
+                         help="mutants the evolution scores (default 1000; with a range of --n, per count: 200)")
     compute.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     compute.add_argument("--init", type=Literal["log", "iou", "euclidean"], default="log",
                          help="k-means for the starting anchors (default log)")
@@ -88,6 +100,37 @@ def build_parser() -> ArgumentParser:
     compute.add_argument("--plot", type=str | None, default=None, help="save a plot of boxes and anchors (PNG)")
     commands.add_subcommand("compute", compute, help="fit new anchors to a dataset")
     return parser
+
+
+def anchor_count(value: Any) -> int | tuple[int, int] | None:
+    """``--n``: ``"9"`` -> 9; ``"auto"`` -> ``(3, 15)``; ``"3-15"`` -> ``(3, 15)`` (a range of counts)."""
+    if value is None or isinstance(value, int | tuple | list):  # the parser checks parsed values again
+        return value if value is None or isinstance(value, int) else (int(value[0]), int(value[1]))
+    text = str(value).strip().lower()
+    if text == "auto":
+        return (3, 15)
+    low, dash, high = text.partition("-")
+    if dash and low:
+        return (int(low), int(high))
+    return int(text)
+
+
+def anchor_levels(value: Any) -> int | tuple[int, ...] | None:
+    """``--levels``: ``"3"`` -> 3 levels; ``"3,3,4"`` -> the anchors of each level."""
+    if value is None or isinstance(value, int | tuple | list):
+        return value if value is None or isinstance(value, int) else tuple(int(v) for v in value)
+    parts = [int(v) for v in str(value).replace(" ", "").split(",")]
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def _training_size(args: Namespace) -> float | tuple[float, float]:
+    """``--img-size``: one number (square) or ``W H``."""
+    from lightning_autoanchor.errors import ConfigError
+
+    values = list(args.img_size) if isinstance(args.img_size, list | tuple) else [args.img_size]
+    if len(values) not in (1, 2):
+        raise ConfigError(f"--img-size takes one number or two (W H), got {len(values)}: {values}")
+    return values[0] if len(values) == 1 else (values[0], values[1])
 
 
 def parse_anchors(text: str) -> Any:
@@ -128,8 +171,9 @@ def _settings(args: Namespace) -> AnchorSettings:
     from lightning_autoanchor.errors import ConfigError
     from lightning_autoanchor.settings import AnchorSettings
 
-    given = {name: args[name] for name in ("img_size", "resize", "metric", "thr", "bpr_threshold", "generations",
-                                           "seed") if name in args}
+    names = ("img_size", "resize", "metric", "thr", "bpr_threshold", "generations", "seed", "objective",
+             "min_stride_ratio")
+    given = {name: args[name] for name in names if name in args and args[name] is not None}
     try:
         return AnchorSettings(**given)
     except ConfigError as err:
@@ -142,6 +186,7 @@ def _load(args: Namespace, device: Any) -> tuple[BoxSet, Any, int]:
     from lightning_autoanchor.boxes import MIN_FIT_SIZE
     from lightning_autoanchor.errors import ConfigError
     from lightning_autoanchor.optimizer import prepare_boxes
+    from lightning_autoanchor.reporting import describe_img_size
     from lightning_autoanchor.sources import load_boxes
 
     box_set = load_boxes(args.data, split=args.split, strict=args.strict, progress=not args.quiet)
@@ -149,7 +194,8 @@ def _load(args: Namespace, device: Any) -> tuple[BoxSet, Any, int]:
         raise ConfigError(f"{args.data}: no boxes to work with")
     wh, dropped = prepare_boxes(box_set.scaled(args.img_size, args.resize).to(device))
     if len(wh) == 0:
-        raise ConfigError(f"{args.data}: every box is under {MIN_FIT_SIZE:g} px at img_size {args.img_size:g}")
+        raise ConfigError(f"{args.data}: every box is under {MIN_FIT_SIZE:g} px at img_size "
+                          f"{describe_img_size(args.img_size)}")
     return box_set, wh, dropped
 
 
@@ -162,7 +208,7 @@ def _data_summary(args: Namespace, box_set: Any, dropped: int) -> dict[str, Any]
         "n_dropped": dropped,
         "n_small": small.count,
         "skipped": dict(box_set.skipped),
-        "img_size": args.img_size,
+        "img_size": list(args.img_size) if isinstance(args.img_size, tuple) else args.img_size,
         "resize": args.resize,
         "metric": args.metric,
     }
@@ -173,10 +219,12 @@ def _data_summary(args: Namespace, box_set: Any, dropped: int) -> dict[str, Any]
 
 def _print_human(args: Namespace, box_set: Any, summary: dict[str, Any], lines: list[str]) -> None:
     from lightning_autoanchor.boxes import MIN_FIT_SIZE
+    from lightning_autoanchor.reporting import describe_img_size
 
     small = box_set.small_boxes(args.img_size, args.resize)
-    print(f"{args.data}: {len(box_set):,} boxes in {box_set.num_images:,} images, at img_size {args.img_size:g} "
-          f"({args.resize}); {summary['n_dropped']:,} under {MIN_FIT_SIZE:g} px left out")
+    print(f"{args.data}: {len(box_set):,} boxes in {box_set.num_images:,} images, at img_size "
+          f"{describe_img_size(args.img_size)} ({args.resize}); {summary['n_dropped']:,} under {MIN_FIT_SIZE:g} px "
+          "left out")
     if small.count:
         print(f"note: {small.describe(max_images=10 if args.list_small else 0)}"
               + ("" if args.list_small else " (--list-small names them)"))
@@ -188,6 +236,7 @@ def run_check(args: Namespace) -> dict[str, Any]:
     from lightning_autoanchor.metrics import score_anchors
     from lightning_autoanchor.reporting import describe_scores
 
+    args.img_size = _training_size(args)
     settings = _settings(args)
     anchors = parse_anchors(args.anchors)
     thr = settings.thr
@@ -223,34 +272,82 @@ class _Writing:
             raise ConfigError(f"cannot write {self.path}: {err.strerror or err}") from None
 
 
-def run_compute(args: Namespace) -> dict[str, Any]:
+def _level_settings(args: Namespace, n: int | None) -> tuple[tuple[int, ...] | int | None, list[float] | None]:
+    """``--levels`` (one level per stride when only ``--strides`` is given) checked against ``n``
+    (``None``: a range of counts), and ``--strides`` as numbers."""
     from lightning_autoanchor.errors import ConfigError
+
+    strides = None
+    if args.strides is not None:
+        try:
+            strides = [float(v) for v in args.strides.replace(",", " ").split()]
+        except ValueError:
+            raise ConfigError(f"--strides must be numbers, e.g. 8,16,32, got {args.strides!r}") from None
+    levels = len(strides) if args.levels is None and strides else args.levels
+    if (isinstance(levels, int) and levels < 1) or (n is not None and n < 1):
+        raise ConfigError(f"--n and --levels must be at least 1, got {n} and {levels}")
+    if isinstance(levels, tuple) and n is not None and sum(levels) != n:
+        raise ConfigError(f"--levels {','.join(map(str, levels))} holds {sum(levels)} anchors, but --n is {n}")
+    if isinstance(levels, int) and n is not None and n % levels:
+        raise ConfigError(f"--n {n} anchors cannot be split evenly over --levels {levels}: give the anchors of "
+                          f"each level instead, e.g. --levels {','.join(map(str, _uneven(n, levels)))}")
+    return levels, strides
+
+
+def _uneven(n: int, levels: int) -> list[int]:
+    """``n`` anchors over ``levels`` levels as evenly as possible, the larger counts on the coarser levels."""
+    return [n // levels + (i >= levels - n % levels) for i in range(levels)]
+
+
+def _level_lines(wh: Any, result: Any, metric: str) -> tuple[list[str], list[float]]:
+    """Who owns the boxes (the share whose best anchor sits on each level), and the limits kept, as text;
+    the shares as numbers, in the order of the levels."""
+    from lightning_autoanchor.levels import anchor_levels, level_shares
+
+    level = anchor_levels(result.levels, result.strides)
+    shares = level_shares(wh, result.anchors, level, metric).tolist()
+    parts = [f"stride {stride:g}: {share:.1%}" for stride, share in zip(result.strides, shares, strict=True)]
+    lines = [f"boxes per level (share whose best anchor is there): {', '.join(parts)}"]
+    if result.min_stride_ratio is not None:
+        size = result.anchors.prod(dim=1).sqrt()
+        smallest = [f"{float(size[level == i].min()):.1f} px >= {result.min_stride_ratio:g} x {stride:g}"
+                    for i, stride in enumerate(result.strides)]
+        lines.append(f"smallest anchor size sqrt(w*h) per level: {', '.join(smallest)}")
+    return lines, shares
+
+
+def run_compute(args: Namespace) -> dict[str, Any]:
     from lightning_autoanchor.optimizer import fit_anchors
     from lightning_autoanchor.reporting import (
         anchors_yaml,
         describe_scores,
         header_comments,
-        plot_anchors,
         write_text_atomic,
     )
 
-    levels = args.levels
-    if levels is None:
-        levels = _DEFAULT_LEVELS if args.n % _DEFAULT_LEVELS == 0 else 1
-        if args.n >= 1 and levels != _DEFAULT_LEVELS and not args.json:
-            print(f"{PROG}: note: --n {args.n} does not divide into {_DEFAULT_LEVELS} levels: writing 1 level of "
-                  f"{args.n} anchors (--levels chooses)", file=sys.stderr)
-    if args.n < 1 or levels < 1:
-        raise ConfigError(f"--n must be at least 1, got {args.n}" if args.levels is None else
-                          f"--n and --levels must be at least 1, got {args.n} and {levels}")
-    if args.n % levels:
-        raise ConfigError(f"--n {args.n} anchors cannot be split evenly over --levels {levels}")
+    args.img_size = _training_size(args)
     settings = _settings(args)
+    counts = args.n if isinstance(args.n, tuple) else None
+    n = None if counts else args.n if args.n is not None else sum(args.levels) if isinstance(args.levels, tuple) else 9
+    levels, strides = _level_settings(args, n)
     box_set, wh, dropped = _load(args, _device(args.device))
-    result = fit_anchors(wh, args.n, settings, init=args.init, progress=not args.quiet)
-    out = {**result.as_dict(), "levels": levels, **_data_summary(args, box_set, dropped)}
+    out: dict[str, Any] = {}
+    notes: list[str] = []
+    curve = None
+    if counts:
+        curve = _run_counts(args, settings, wh, counts, levels, strides)
+        result = curve.row(curve.recommended)
+        out.update(recommended=curve.recommended, curve=curve.as_dict())
+        notes = _count_lines(curve)
+    else:
+        result = fit_anchors(wh, n, settings, levels=levels, strides=strides, init=args.init, progress=not args.quiet)
+    if args.levels is None and args.strides is None:
+        notes.append(f"note: {result.n} anchors on {len(result.levels)} level{'s' * (len(result.levels) > 1)} "
+                     "(--levels not given: 3 levels when the count divides by 3, else 1)")
+    level_lines, shares = _level_lines(wh, result, args.metric)
+    out.update({**result.as_dict(), **_data_summary(args, box_set, dropped), "level_shares": shares})
     out["anchors"] = result.anchors.tolist()
-    text = anchors_yaml(result.anchors, levels,
+    text = anchors_yaml(result.anchors, result.levels, strides=result.strides,
                         comments=header_comments(str(args.data), args.img_size, args.resize, args.metric,
                                                  result.thr, result.scores, args.seed))
     if args.out:
@@ -258,15 +355,61 @@ def run_compute(args: Namespace) -> dict[str, Any]:
             out["out"] = str(write_text_atomic(args.out, text))
     if args.plot:
         with _Writing(args.plot):
-            out["plot"] = str(plot_anchors(wh, result.anchors, args.plot, thr=result.thr, metric=args.metric,
-                                           title=f"{args.data} at {args.img_size:g} px"))
+            out["plot"] = str(_plot(args, wh, result, curve))
     if not args.json:
-        _print_human(args, box_set, out, [*describe_scores(result.scores, result.thr, args.metric),
-                                          f"fitted in {result.seconds:.2f} s (seed {args.seed})", "", text.rstrip()])
+        _print_human(args, box_set, out, [*notes, *describe_scores(result.scores, result.thr, args.metric),
+                                          *level_lines, f"fitted in {result.seconds:.2f} s (seed {args.seed})", "",
+                                          text.rstrip()])
         for key, what in (("out", "anchors YAML"), ("plot", "plot")):
             if key in out:
                 print(f"wrote {what}: {out[key]}")
     return out
+
+
+def _run_counts(args: Namespace, settings: AnchorSettings, wh: Any, counts: tuple[int, int], levels: Any,
+                strides: list[float] | None) -> Any:
+    """The anchor-count curve over ``counts`` (``--n auto`` or a range)."""
+    from lightning_autoanchor.anchor_count import CURVE_GENERATIONS, fit_anchor_counts
+    from lightning_autoanchor.errors import ConfigError
+
+    low, high = counts
+    if not 1 <= low <= high:
+        raise ConfigError(f"--n range must run from at least 1 up, e.g. 3-15, got {low}-{high}")
+    if isinstance(levels, tuple):
+        raise ConfigError("--n auto or a range needs --levels as a number of levels (each count is shared "
+                          f"equally), not the anchors of each level ({','.join(map(str, levels))})")
+    if levels is not None and high // levels * levels < low:
+        raise ConfigError(f"--n {low}-{high} holds no multiple of --levels {levels}")
+    if levels is None and args.min_stride_ratio is not None:
+        raise ConfigError("--min-stride-ratio with a range of --n needs --levels (a number of levels), so that "
+                          "every count is laid out over the same levels")
+    generations = CURVE_GENERATIONS if args.generations is None else args.generations
+    return fit_anchor_counts(wh, range(low, high + 1), settings.but(generations=generations), levels=levels,
+                             strides=strides, init=args.init, progress=not args.quiet)
+
+
+def _count_lines(curve: Any) -> list[str]:
+    """The curve as a table, the recommended count marked."""
+    from lightning_autoanchor.anchor_count import KNEE_TOLERANCE
+
+    lines = [f"{'':2}{'n':>3}  {'BPR':>6}  {'fitness':>7}  {'avg IoU':>7}  {'anchors/target':>14}"]
+    for row in curve.rows:
+        mark = "*" if row.n == curve.recommended else ""
+        s = row.scores
+        lines.append(f"{mark:2}{row.n:>3}  {s.bpr:>6.4f}  {s.fitness:>7.4f}  {s.avg_iou:>7.4f}  {s.aat:>14.2f}")
+    lines.append(f"recommended: {curve.recommended} anchors (*): the knee of the {curve.objective} curve, the count "
+                 f"farthest above the line from the first count to the last on 0-1 scales (ties within "
+                 f"{KNEE_TOLERANCE:g}: the smallest), with BPR >= {curve.min_bpr:g} where a count reaches it")
+    return [*lines, f"curve fitted in {curve.seconds:.2f} s; the recommended count:", ""]
+
+
+def _plot(args: Namespace, wh: Any, result: Any, curve: Any) -> Any:
+    from lightning_autoanchor.reporting import describe_img_size, plot_anchor_counts, plot_anchors
+
+    title = f"{args.data} at {describe_img_size(args.img_size)} px"
+    if curve is not None:
+        return plot_anchor_counts(curve, args.plot, title=title)
+    return plot_anchors(wh, result.anchors, args.plot, thr=result.thr, metric=args.metric, title=title)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

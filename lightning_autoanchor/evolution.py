@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -23,6 +24,10 @@ from lightning_autoanchor.boxes import MIN_FIT_SIZE
 from lightning_autoanchor.metrics import match_cut
 from lightning_autoanchor.progress import progress_bar
 from lightning_autoanchor.settings import Metric
+
+if TYPE_CHECKING:
+    from lightning_autoanchor.levels import SizeFloor
+
 
 
 def _ratio_quality(du: Tensor, dv: Tensor) -> Tensor:
@@ -72,7 +77,7 @@ class LogSpaceFitness:
 
 
 def evolve(fitness: LogSpaceFitness, anchors: Tensor, *, generations: int = 1000, mutation_prob: float = 0.9,
-           sigma: float = 0.1, population: int = 1, generator: torch.Generator,
+           sigma: float = 0.1, population: int = 1, generator: torch.Generator, floor: SizeFloor | None = None,
            progress: bool = False) -> Tensor:
     """YOLOv5's anchor evolution: mutate the parent, keep the mutant if it is fitter.
 
@@ -82,11 +87,14 @@ def evolve(fitness: LogSpaceFitness, anchors: Tensor, *, generations: int = 1000
     mutants are scored in all, ``population`` of the current parent at a time, and the fittest of
     those replaces the parent when it is fitter: ``population=1`` is exactly YOLOv5's (1+1) scheme,
     larger values a (1+λ) scheme that scores the same number of mutants in fewer, batched passes.
+    With ``floor``, every mutant is first brought within its size limits (:meth:`SizeFloor.project
+    <lightning_autoanchor.levels.SizeFloor.project>`), so the search stays among allowed anchors.
 
     Args:
         fitness: the objective.
         anchors: ``(K, 2)`` log anchor sizes to start from, or ``(S, K, 2)`` for ``S`` independent
-            parents evolved side by side (each scores ``generations`` mutants).
+            parents evolved side by side (each scores ``generations`` mutants); within ``floor``.
+        floor: per-rank size limits, or ``None``.
 
     Returns:
         Log anchor sizes shaped like ``anchors``, never less fit.
@@ -109,6 +117,8 @@ def evolve(fitness: LogSpaceFitness, anchors: Tensor, *, generations: int = 1000
         spread = torch.rand((n_parents, population, 1, 1), generator=generator) * sigma
         factor = (mutate * spread * torch.randn(shape, generator=generator) + 1).clamp(0.3, 3.0)
         mutants = (parents[:, None] + factor.log()).clamp(min=min_log)  # (S, λ, K, 2)
+        if floor is not None:
+            mutants = floor.project(mutants)
         scores = fitness(mutants)  # (S, λ)
         best_score, best = scores.max(dim=1)
         better = best_score > parent_fitness
@@ -124,7 +134,7 @@ _DIRECTIONS = torch.tensor([[1, 0], [-1, 0], [0, 1], [0, -1], [1, 1], [1, -1], [
 
 
 def refine(fitness: LogSpaceFitness, anchors: Tensor, *, step: float = 0.1, min_step: float = 1e-3,
-           max_rounds: int = 2_000) -> Tensor:
+           max_rounds: int = 2_000, floor: SizeFloor | None = None) -> Tensor:
     """Coordinate (pattern) search: move anchors by ``step`` in log space while fitness rises.
 
     Every round scores all ``8 K`` single-anchor moves (one ``step`` along an axis or a diagonal)
@@ -133,13 +143,16 @@ def refine(fitness: LogSpaceFitness, anchors: Tensor, *, step: float = 0.1, min_
     are scored for it: about ``8 B`` evaluations a round instead of ``8 K B``. Then the set of all
     helpful moves and the single best move are both scored exactly and the fitter is taken; when no
     move helps, ``step`` halves, down to ``min_step``. Ends at a local maximum.
+    With ``floor``, moves that would leave the set outside its size limits are not taken (nor is
+    the set of all helpful moves when it would be): the search stays among allowed anchors.
 
     Args:
         fitness: the objective.
         anchors: ``(K, 2)`` log anchor sizes to start from, or ``(S, K, 2)`` for ``S`` independent
-            searches run side by side.
+            searches run side by side; within ``floor``.
         step: first move length (log units; 0.1 is about 10 %).
         min_step: a search ends when its ``step`` falls below this.
+        floor: per-rank size limits, or ``None``.
 
     Returns:
         Log anchor sizes shaped like ``anchors``, never less fit.
@@ -173,6 +186,10 @@ def refine(fitness: LogSpaceFitness, anchors: Tensor, *, step: float = 0.1, min_
         gains = (torch.maximum(moved_quality, rest) - rest) * weights[p_idx, None]  # (P, 8)
         scores = (others @ weights)[..., None] + torch.zeros(n_starts * k, 8, device=batch.device).index_add_(
             0, s_idx * k + k_idx, gains).view(n_starts, k, 8)
+        if floor is not None:  # a move must keep the set within the limits: (S, K, 8, K) sets, one anchor moved
+            moved_sets = torch.where(torch.eye(k, dtype=torch.bool, device=batch.device)[None, :, None, :, None],
+                                     candidates[:, :, :, None, :], batch[:, None, None, :, :])
+            scores = scores.masked_fill(~floor.allows(moved_sets), -1.0)
         best_score, best_dir = scores.max(dim=2)  # (S, K)
         helps = (best_score > current[:, None] + _MIN_GAIN) & active[:, None]
         improving = helps.any(dim=1)
@@ -190,6 +207,10 @@ def refine(fitness: LogSpaceFitness, anchors: Tensor, *, step: float = 0.1, min_
         together_score = together.amax(dim=1) @ weights  # (S,)
         single_score, single_k = best_score.masked_fill(~helps, -1.0).max(dim=1)
         all_at_once = together_score > single_score
+        if floor is not None:
+            together_sets = batch.clone()
+            together_sets[mover_s, mover_k] = chosen[mover_s, mover_k]
+            all_at_once &= floor.allows(together_sets)
         keep = all_at_once[mover_s] | (mover_k == single_k[mover_s])
         s_kept, k_kept = mover_s[keep], mover_k[keep]
         batch = batch.clone()

@@ -28,6 +28,7 @@ __all__ = [
     "YoloAnchors",
     "anchors_match",
     "find_heads",
+    "in_averaged_model",
     "is_yolo_head",
     "write_all",
 ]
@@ -153,19 +154,21 @@ def _plain_holders(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
                 yield f"{name}.{inner}", module
 
 
+def in_averaged_model(root: nn.Module, path: str) -> bool:
+    """Whether the submodule at ``path`` lies inside a ``torch.optim.swa_utils.AveragedModel`` (an EMA copy)."""
+    from torch.optim.swa_utils import AveragedModel
+
+    parts = path.split(".") if path else []
+    return any(isinstance(_resolve(root, ".".join(parts[:i])), AveragedModel) for i in range(1, len(parts)))
+
+
 def _head_paths(model: nn.Module) -> tuple[list[str], list[str]]:
     """Paths of head-like modules: those of the model itself, and copies (inside a
     ``torch.optim.swa_utils.AveragedModel``, or held by a plain attribute such as ``ModelEMA.ema``)."""
-    from torch.optim.swa_utils import AveragedModel
-
     own, copies = [], []
-    averaged: list[str] = []
     for name, module in model.named_modules():
-        if isinstance(module, AveragedModel):
-            averaged.append(name + ".")
         if _is_head_like(module):
-            inside_copy = any(name.startswith(prefix) for prefix in averaged)
-            (copies if inside_copy else own).append(name)
+            (copies if in_averaged_model(model, name) else own).append(name)
     for base, holder in _plain_holders(model):
         copies += [f"{base}.{name}" if name else base for name, m in holder.named_modules() if _is_head_like(m)]
     return own, copies

@@ -17,10 +17,13 @@ import torch
 from torch import Tensor
 
 from lightning_autoanchor import __version__
+from lightning_autoanchor.boxes import ImgSize, training_size
 from lightning_autoanchor.errors import ConfigError
+from lightning_autoanchor.levels import Levels, default_strides, level_counts
 from lightning_autoanchor.metrics import AnchorScores
 
 if TYPE_CHECKING:
+    from lightning_autoanchor.anchor_count import AnchorCountResult
     from lightning_autoanchor.boxes import BoxSet
     from lightning_autoanchor.refit import AnchorUpdate
 
@@ -29,10 +32,11 @@ __all__ = [
     "YAML_NAME",
     "anchors_per_level",
     "anchors_yaml",
-    "default_strides",
+    "describe_img_size",
     "describe_scores",
     "header_comments",
     "log_update",
+    "plot_anchor_counts",
     "plot_anchors",
     "report_lines",
     "save_update",
@@ -45,16 +49,11 @@ YAML_NAME = "autoanchor.yaml"
 PLOT_NAME = "autoanchor.png"
 
 
-def default_strides(levels: int) -> list[int]:
-    """Strides of detection levels P3, P4, ... (8, 16, 32, ...), as in YOLO configs."""
-    return [8 * 2**i for i in range(levels)]
-
-
-def anchors_per_level(anchors: Tensor, levels: int) -> list[Tensor]:
-    """Split anchors sorted by area into ``levels`` equal groups, small to large."""
-    if levels < 1 or len(anchors) % levels:
+def anchors_per_level(anchors: Tensor, levels: Levels) -> list[Tensor]:
+    """Split anchors sorted by area into ``levels`` equal groups, or groups of the given counts, small to large."""
+    if isinstance(levels, int) and (levels < 1 or len(anchors) % levels):
         raise ConfigError(f"{len(anchors)} anchors cannot be split evenly over {levels} levels")
-    return list(anchors.reshape(levels, -1, 2))
+    return list(anchors.split(list(level_counts(len(anchors), levels))))
 
 
 def yolo_number(value: float) -> str:
@@ -68,18 +67,21 @@ def _level_name(index: int, stride: float) -> str:
     return f"P{int(power)}/{stride:g}" if power == int(power) else f"level {index}/{stride:g}"
 
 
-def anchors_yaml(anchors: Tensor, levels: int, *, strides: Sequence[float] | None = None,
+def anchors_yaml(anchors: Tensor, levels: Levels, *, strides: Sequence[float] | None = None,
                  comments: Sequence[str] = ()) -> str:
     """The ``anchors:`` block of a YOLO model config, one row per level, with ``comments`` on top.
+
+    ``levels``: a number of levels with equal counts, or the count of each level (small to large).
 
     >>> print(anchors_yaml(torch.tensor([[10., 13], [16, 30], [33, 23]]), 1))
     anchors:
       - [10,13, 16,30, 33,23]  # P3/8
     <BLANKLINE>
     """
-    strides = list(strides) if strides is not None else default_strides(levels)
-    if len(strides) != levels:
-        raise ConfigError(f"{levels} levels need {levels} strides, got {strides}")
+    n_levels = levels if isinstance(levels, int) else len(levels)
+    strides = list(strides) if strides is not None else default_strides(n_levels)
+    if len(strides) != n_levels:
+        raise ConfigError(f"{n_levels} levels need {n_levels} strides, got {strides}")
     lines = [f"# {c}" for c in comments] + ["anchors:"]
     for i, (level, stride) in enumerate(zip(anchors_per_level(anchors, levels), strides, strict=True)):
         pairs = ", ".join(f"{yolo_number(w)},{yolo_number(h)}" for w, h in level.tolist())
@@ -131,13 +133,19 @@ def describe_scores(scores: AnchorScores, thr: float, metric: str) -> list[str]:
     ]
 
 
-def header_comments(source: str, img_size: float, resize: str, metric: str, thr: float,
+def describe_img_size(img_size: ImgSize) -> str:
+    """``640`` for a square training size, ``1280x736`` for width x height."""
+    width, height = training_size(img_size)
+    return f"{width:g}" if width == height else f"{width:g}x{height:g}"
+
+
+def header_comments(source: str, img_size: ImgSize, resize: str, metric: str, thr: float,
                     scores: AnchorScores, seed: int | None = None) -> list[str]:
     """Comment lines for the anchors YAML: where they come from and how well they fit."""
     seeded = f", seed {seed}" if seed is not None else ""
     return [
         f"Anchors fitted by lightning-autoanchor {__version__} to {source}",
-        f"pixels at img_size {img_size:g} ({resize}), metric {metric}, thr {thr:g}{seeded}",
+        f"pixels at img_size {describe_img_size(img_size)} ({resize}), metric {metric}, thr {thr:g}{seeded}",
         f"fitness {scores.fitness:.4f}, best possible recall {scores.bpr:.4f}, "
         f"anchors/target {scores.aat:.2f}, average IoU {scores.avg_iou:.4f}, {scores.n_boxes} boxes",
     ]
@@ -240,3 +248,33 @@ def save_update(update: AnchorUpdate, folder: Path, strides: Sequence[float], re
     except Exception as err:  # a plot never stops training
         warn(f"AutoAnchor: could not save the plot: {err!r}")
     return saved
+
+
+def plot_anchor_counts(result: AnchorCountResult, path: str | os.PathLike[str], *, title: str = "") -> Path:
+    """Save the anchor-count curve: objective, BPR and average IoU against the count, the recommended one marked.
+
+    Drawn on a :class:`matplotlib.figure.Figure` of its own (the global backend is left alone) and
+    written atomically: a failed write leaves any previous file as it was.
+    Needs matplotlib (``pip install lightning-autoanchor[plot]``).
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ConfigError("plots need matplotlib: pip install 'lightning-autoanchor[plot]'") from err
+    counts, values = result.counts, [r.objective_value for r in result.rows]
+    fig = Figure(figsize=(7, 4.5), dpi=110)
+    ax = fig.add_subplot()
+    ax.plot(counts, values, "o-", color="crimson", label=result.objective)
+    ax.plot([counts[0], counts[-1]], [values[0], values[-1]], color="crimson", lw=0.6, ls="--", alpha=0.5,
+            label="chord of the knee rule")
+    if result.objective != "avg_iou":
+        ax.plot(counts, [r.scores.avg_iou for r in result.rows], "s--", color="0.4", ms=4, label="avg_iou")
+    ax.plot(counts, [r.scores.bpr for r in result.rows], "^:", color="tab:blue", ms=4, label="BPR")
+    ax.axvline(result.recommended, color="crimson", lw=0.8, alpha=0.6)
+    ax.annotate(f"recommended: {result.recommended}", (result.recommended, values[counts.index(result.recommended)]),
+                xytext=(8, -16), textcoords="offset points", color="crimson")
+    ax.set(xlabel="anchors", ylabel="score", xticks=counts, title=title or "Anchor count")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return write_atomic(path, lambda f: fig.savefig(f, format=Path(path).suffix.lstrip(".").lower() or "png"))

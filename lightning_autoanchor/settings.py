@@ -15,10 +15,12 @@ from typing import Any, Literal
 
 from lightning_autoanchor.errors import ConfigError
 
-__all__ = ["DEFAULT_THR", "MAX_IMG_SIZE", "MAX_SEED", "AnchorSettings", "Metric", "Resize"]
+__all__ = ["DEFAULT_THR", "MAX_IMG_SIZE", "MAX_SEED", "OBJECTIVES", "AnchorSettings", "Metric", "Objective", "Resize"]
 
 Metric = Literal["ratio", "iou"]
 Resize = Literal["letterbox", "stretch"]
+Objective = Literal["fitness", "avg_iou"]
+OBJECTIVES: tuple[str, ...] = ("fitness", "avg_iou")
 
 DEFAULT_THR: dict[str, float] = {"ratio": 4.0, "iou": 0.5}
 """The match threshold each metric takes when none is given: YOLOv5's ``anchor_t``, an IoU of 0.5."""
@@ -52,6 +54,18 @@ def _integer(name: str, value: Any, low: int, high: int) -> int:
     return int(value)
 
 
+def _img_size(value: Any) -> float | tuple[float, float] | None:
+    """``img_size`` checked: ``None``, a number of pixels, or a ``(width, height)`` pair of them."""
+    if value is None:
+        return None
+    pair = isinstance(value, list | tuple)
+    if pair and len(value) != 2:
+        raise ConfigError(f"img_size must be a number of pixels or a (width, height) pair of them, got {value!r}")
+    sizes = tuple(_number("img_size", v, 0, MAX_IMG_SIZE, low_open=True, what="a number of pixels")
+                  for v in (value if pair else [value]))
+    return sizes if pair else sizes[0]  # type: ignore[return-value]
+
+
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ConfigError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
@@ -63,8 +77,9 @@ class AnchorSettings:
     """How boxes are sized, how anchors are matched and scored, and how new ones are searched.
 
     Attributes:
-        img_size: training image size in pixels (the longer side for ``"letterbox"``), or ``None``
-            where it is found later (the callback asks the datamodule).
+        img_size: training image size in pixels (the longer side for ``"letterbox"``), a
+            ``(width, height)`` pair for a non-square one, or ``None`` where it is found later (the
+            callback asks the datamodule).
         resize: ``"letterbox"`` (longer side to ``img_size``) or ``"stretch"`` (both sides).
         metric: ``"ratio"`` (YOLOv5's side-ratio rule) or ``"iou"`` (width/height IoU).
         thr: match threshold: a side ratio above 1 for ``"ratio"``, an IoU in ``[0, 1)`` for ``"iou"``;
@@ -76,9 +91,13 @@ class AnchorSettings:
         mutation_prob: probability that a mutant changes each anchor side.
         sigma: mutation strength (standard deviation of the log-size step).
         seed: seed of every private random generator of the check and fit.
+        objective: what the fit maximises: ``"fitness"`` (YOLOv5's, under ``metric`` and ``thr``) or
+            ``"avg_iou"`` (YOLOv2's mean best width/height IoU, every box counting).
+        min_stride_ratio: smallest anchor size ``sqrt(w * h)`` as a multiple of its level's stride,
+            kept inside the fit (1.0: no anchor under its stride); ``None``: no limit.
     """
 
-    img_size: float | None = None
+    img_size: float | tuple[float, float] | None = None
     resize: Resize = "letterbox"
     metric: Metric = "ratio"
     thr: float | None = None
@@ -88,11 +107,12 @@ class AnchorSettings:
     mutation_prob: float = 0.9
     sigma: float = 0.1
     seed: int = 0
+    objective: Objective = "fitness"
+    min_stride_ratio: float | None = None
 
     def __post_init__(self) -> None:
         checked = {
-            "img_size": None if self.img_size is None else _number("img_size", self.img_size, 0, MAX_IMG_SIZE,
-                                                                   low_open=True, what="a number of pixels"),
+            "img_size": _img_size(self.img_size),
             "resize": _choice("resize", self.resize, ("letterbox", "stretch")),
             "metric": _choice("metric", self.metric, tuple(DEFAULT_THR)),
             "bpr_threshold": _number("bpr_threshold", self.bpr_threshold, 0, 1),
@@ -101,6 +121,10 @@ class AnchorSettings:
             "mutation_prob": _number("mutation_prob", self.mutation_prob, 0, 1, what="a probability"),
             "sigma": _number("sigma", self.sigma, 0, 10),
             "seed": _integer("seed", self.seed, 0, MAX_SEED),
+            "objective": _choice("objective", self.objective, OBJECTIVES),
+            "min_stride_ratio": None if self.min_stride_ratio is None else _number(
+                "min_stride_ratio", self.min_stride_ratio, 0, 100, low_open=True,
+                what="a multiple of the level's stride (1.0: no anchor under its stride)"),
         }
         thr = DEFAULT_THR[self.metric] if self.thr is None else self.thr
         if self.metric == "ratio":

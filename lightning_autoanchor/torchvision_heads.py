@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_autoanchor.errors import HeadError
-from lightning_autoanchor.heads import _inside_averaged_model
+from lightning_autoanchor.heads import in_averaged_model
 
 __all__ = [
     "AnchorGeneratorAnchors",
@@ -141,7 +141,7 @@ def find_torchvision_anchors(model: nn.Module, name: str | None = None) -> Torch
         if types is not None and isinstance(scope, types):
             return _adapter(model, name)
         where, prefix = f"{where}.{name}", f"{name}."
-    paths = [prefix + p for p in torchvision_generator_paths(scope) if not _inside_averaged_model(scope, p)]
+    paths = [prefix + p for p in torchvision_generator_paths(scope) if not in_averaged_model(scope, p)]
     if len(paths) == 1:
         return _adapter(model, paths[0])
     if not paths:

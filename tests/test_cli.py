@@ -316,16 +316,17 @@ def test_check_verdict(checked: dict) -> None:
 
 @pytest.mark.parametrize(("n", "levels"), [(5, 1), (6, 3), (4, 1)])
 def test_compute_infers_the_levels(n: int, levels: int, tmp_path: Path) -> None:
-    """Without ``--levels``: 3 levels when ``--n`` divides by 3, else 1, said on stderr and given in the JSON."""
+    """Without ``--levels``: 3 levels when ``--n`` divides by 3, else 1, said in the output and given in the JSON."""
     args = ["compute", DEMO, "--n", str(n), "--generations", "20", "--out", tmp_path / "a.yaml"]
     out = json_out(cli(*args, "--json"))
-    assert out["levels"] == levels and len(out["anchors"]) == n
+    assert out["levels"] == [n // levels] * levels and len(out["anchors"]) == n
     rows = yaml.safe_load((tmp_path / "a.yaml").read_text())["anchors"]
     assert len(rows) == levels and all(len(row) == 2 * n // levels for row in rows)
     human = cli(*args)
-    assert human.returncode == 0, human.stderr
-    note = f"{PROG}: note: --n {n} does not divide into 3 levels: writing 1 level of {n} anchors (--levels chooses)\n"
-    assert human.stderr == (note if levels == 1 else "")
+    assert human.returncode == 0 and human.stderr == "", human.stderr
+    plural = "s" if levels > 1 else ""
+    assert (f"note: {n} anchors on {levels} level{plural} (--levels not given: 3 levels when the count divides by 3, "
+            "else 1)") in human.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without CUDA")

@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+import torchvision.models.detection as detection
 import yaml
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
+from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
 
 from lightning_autoanchor.errors import HeadError
 from lightning_autoanchor.torchvision_heads import (
@@ -28,9 +30,6 @@ from lightning_autoanchor.torchvision_heads import (
     TorchvisionSettings,
     find_torchvision_anchors,
 )
-
-detection = pytest.importorskip("torchvision.models.detection")
-from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator  # noqa: E402
 
 SMALL = {"min_size": 128, "max_size": 224}
 RPN_SMALL = {"rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50}

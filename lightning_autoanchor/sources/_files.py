@@ -171,8 +171,10 @@ def read_voc_xml(xml_path: str, images_dir: str | None) -> tuple[tuple[float, fl
     """Read one Pascal VOC XML file.
 
     Returns the image size (from ``<size>``, else from the image file in ``images_dir``; ``None`` if
-    neither works), the image file name, an ``(n, 2)`` float64 array of box widths and heights in
-    pixels (VOC corners are 1-based and inclusive: ``w = xmax - xmin + 1``), and the problems found.
+    neither works), the image file name, an ``(n, 4)`` float64 array of box centres, widths and heights
+    ``[x, y, w, h]`` in pixels (VOC corners are 1-based and inclusive: pixel ``xmin`` spans
+    ``[xmin - 1, xmin]``, so ``w = xmax - xmin + 1`` and ``x = (xmin - 1 + xmax) / 2``; of the clipped box
+    for boxes reaching outside the image), and the problems found.
     """
     problems: list[Problem] = []
     try:
@@ -182,7 +184,7 @@ def read_voc_xml(xml_path: str, images_dir: str | None) -> tuple[tuple[float, fl
         return None, os.path.basename(xml_path), np.zeros((0, 2)), [("special_file", xml_path, err.strerror)]
     except (ET.ParseError, OSError, UnicodeDecodeError) as err:
         problem = ("unreadable_file", xml_path, f"cannot parse: {err}")
-        return None, os.path.basename(xml_path), np.zeros((0, 2)), [problem]
+        return None, os.path.basename(xml_path), np.zeros((0, 4)), [problem]
     name = (root.findtext("filename") or "").strip() or os.path.splitext(os.path.basename(xml_path))[0] + ".jpg"
     size = None
     try:
@@ -214,15 +216,14 @@ def read_voc_xml(xml_path: str, images_dir: str | None) -> tuple[tuple[float, fl
             problems.append(("bad_box", where, f"corners {xmin, ymin, xmax, ymax} give no positive, finite size"))
             continue
         if size is not None and (xmin < 0 or ymin < 0 or xmax > size[0] + 1 or ymax > size[1] + 1):
-            cw = min(xmax, size[0]) - max(xmin, 1) + 1
-            ch = min(ymax, size[1]) - max(ymin, 1) + 1
-            if cw <= 0 or ch <= 0:
+            xmin, ymin, xmax, ymax = max(xmin, 1), max(ymin, 1), min(xmax, size[0]), min(ymax, size[1])
+            w, h = xmax - xmin + 1, ymax - ymin + 1
+            if w <= 0 or h <= 0:
                 problems.append(("outside_box", where, f"box lies outside the {size[0]:g}x{size[1]:g} image"))
                 continue
             problems.append(("clipped_box", where, f"box reaches outside the {size[0]:g}x{size[1]:g} image"))
-            w, h = cw, ch
-        boxes.append((w, h))
-    return size, name, np.asarray(boxes, dtype=np.float64).reshape(-1, 2), problems
+        boxes.append(((xmin - 1 + xmax) / 2, (ymin - 1 + ymax) / 2, w, h))
+    return size, name, np.asarray(boxes, dtype=np.float64).reshape(-1, 4), problems
 
 
 def file_stats(paths: Sequence[str]) -> list[tuple[int, int]]:

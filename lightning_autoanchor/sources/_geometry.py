@@ -38,3 +38,26 @@ def clip_to_image(boxes: np.ndarray, sizes: np.ndarray, index: np.ndarray, log: 
     inside = ~(clipped | outside)
     wh[inside] = boxes[inside, 2:]
     return wh
+
+
+def box_centres(boxes: np.ndarray, wh: np.ndarray, sizes: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Centres of boxes after :func:`clip_to_image`: of the clipped box where it was clipped.
+
+    Args:
+        boxes: ``(N, 4)`` float32 ``[x, y, w, h]`` in pixels, as given to :func:`clip_to_image`.
+        wh: ``(N, 2)`` what :func:`clip_to_image` returned for them.
+        sizes: ``(M, 2)`` image widths and heights in pixels.
+        index: ``(N,)`` the image of each box.
+
+    Returns:
+        ``(N, 2)`` float32 centres in pixels; boxes that kept their annotated size keep their annotated centre.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):  # boxes beyond float32 are dropped as outside anyway
+        xy = boxes[:, :2] + boxes[:, 2:] / 2
+        clipped = np.flatnonzero((wh != boxes[:, 2:]).any(axis=1))
+        if len(clipped):
+            corner = boxes[clipped, :2]
+            low = np.maximum(corner, 0)
+            high = np.minimum(corner + boxes[clipped, 2:], sizes.astype(np.float32)[index[clipped]])
+            xy[clipped] = (low + high) / 2
+    return xy

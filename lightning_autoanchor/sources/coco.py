@@ -23,7 +23,7 @@ import numpy as np
 from lightning_autoanchor.boxes import BoxSet
 from lightning_autoanchor.errors import DataError
 from lightning_autoanchor.sources._files import SpecialFileError, open_regular
-from lightning_autoanchor.sources._geometry import clip_to_image
+from lightning_autoanchor.sources._geometry import box_centres, clip_to_image
 from lightning_autoanchor.sources._json_stream import Elements, stream_arrays
 from lightning_autoanchor.sources._log import ReadLog
 
@@ -202,15 +202,16 @@ class _Collector:
         if not keep.all():
             index, boxes = index[keep], boxes[keep]
         wh = clip_to_image(boxes, sizes, index, self.log, self.image_names)
+        xy = box_centres(boxes, wh, sizes, index)
         del boxes
         kept = (wh > 0).all(axis=1)
         if not kept.all():
-            wh, index = wh[kept], index[kept]
+            wh, xy, index = wh[kept], xy[kept], index[kept]
         skipped = dict(self.log.counts)
         if self.crowd:
             skipped["crowd"] = self.crowd
         return BoxSet(image_sizes=sizes, wh=wh, image_index=index, image_names=tuple(self.image_names),
-                      source=self.path, skipped=skipped)
+                      source=self.path, skipped=skipped, xy=xy)
 
     def name_of_id(self, code: int) -> str:
         if code >= _CODE_BASE:

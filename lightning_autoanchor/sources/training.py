@@ -34,18 +34,19 @@ def boxes_from_yolov5_dataset(dataset: Any) -> BoxSet:
     if shapes.ndim != 2 or shapes.shape[1] != 2 or len(labels) != len(shapes):
         raise DataError(f"{name}: 'shapes' must be (images, 2) and 'labels' one array per image; got shapes "
                         f"{shapes.shape} and {len(labels)} label arrays")
-    wh, index = [], []
+    xywh, index = [], []
     for i, label in enumerate(labels):
         label = np.asarray(label, dtype=np.float64)
         if label.size == 0:
             label = label.reshape(0, 5)
         if label.ndim != 2 or label.shape[1] < 5:
             raise DataError(f"{name}: labels[{i}] has shape {label.shape}; expected (n, 5): class, x, y, w, h")
-        wh.append(label[:, 3:5])
+        xywh.append(label[:, 1:5])
         index.append(np.full(len(label), i))
     names = tuple(str(f) for f in getattr(dataset, "im_files", ())) or ()
-    return BoxSet.from_normalized(shapes, np.concatenate(wh) if wh else np.zeros((0, 2)),
-                                  np.concatenate(index) if index else np.zeros(0, np.int64),
+    rows = np.concatenate(xywh) if xywh else np.zeros((0, 4))
+    return BoxSet.from_normalized(shapes, rows[:, 2:], np.concatenate(index) if index else np.zeros(0, np.int64),
+                                  xy_normalized=rows[:, :2],
                                   image_names=names if len(names) == len(shapes) else (), source=name)
 
 

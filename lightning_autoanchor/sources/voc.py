@@ -65,7 +65,7 @@ def read_voc(path: str | Path, *, split: str | None = None, strict: bool = False
     log = ReadLog(str(path), strict)
     sizes = np.full((len(files), 2), np.nan)
     names: list[str] = []
-    wh: list[np.ndarray] = []
+    xywh: list[np.ndarray] = []
     index: list[np.ndarray] = []
     with closing(map_files(read_voc_xml, [(f, images_dir) for f in files], workers=workers)) as results:
         bar = progress_bar(results, desc="Reading XML", enabled=progress, total=len(files), unit="file")
@@ -76,10 +76,11 @@ def read_voc(path: str | Path, *, split: str | None = None, strict: bool = False
             if size is None:
                 continue
             sizes[i] = size
-            wh.append(boxes)
+            xywh.append(boxes)
             index.append(np.full(len(boxes), i, dtype=np.int64))
     log.warn()
     sizes = np.where(np.isfinite(sizes), sizes, 1.0)  # stand-in size: unreadable files keep no boxes
-    return BoxSet(image_sizes=sizes, wh=np.concatenate(wh) if wh else np.zeros((0, 2)),
+    rows = np.concatenate(xywh) if xywh else np.zeros((0, 4))
+    return BoxSet(image_sizes=sizes, wh=rows[:, 2:], xy=rows[:, :2],
                   image_index=np.concatenate(index) if index else np.zeros(0, np.int64),
                   image_names=tuple(names), source=str(path), skipped=dict(log.counts))

@@ -26,7 +26,7 @@ from lightning_autoanchor.boxes import BoxSet
 from lightning_autoanchor.errors import DataError
 from lightning_autoanchor.progress import progress_bar
 from lightning_autoanchor.sources._files import file_stats, read_yolo_label
-from lightning_autoanchor.sources._geometry import clip_to_image
+from lightning_autoanchor.sources._geometry import box_centres, clip_to_image
 from lightning_autoanchor.sources._log import ReadLog
 from lightning_autoanchor.sources._workers import map_files
 
@@ -234,11 +234,13 @@ def read_yolo(path: str | Path, *, split: str = "train", strict: bool = False, c
     sizes = np.where(usable[:, None], sizes, 1.0)  # stand-in size: unreadable images keep no boxes
     pixels = boxes * np.tile(sizes[index], 2)
     pixels[:, :2] -= pixels[:, 2:] / 2  # centre -> top-left corner
-    wh = clip_to_image(pixels.astype(np.float32), sizes, index, log, names)
+    pixels = pixels.astype(np.float32)
+    wh = clip_to_image(pixels, sizes, index, log, names)
+    xy = box_centres(pixels, wh, sizes, index)
     kept = (wh > 0).all(axis=1)
     log.warn()
     return BoxSet(image_sizes=sizes, wh=wh[kept], image_index=index[kept], image_names=names, source=str(path),
-                  skipped=dict(log.counts))
+                  skipped=dict(log.counts), xy=xy[kept])
 
 
 def _read_pairs(pairs: list[tuple[str, str | None]], log: ReadLog, workers: int | None,
