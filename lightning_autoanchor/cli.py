@@ -542,7 +542,8 @@ def console_main() -> NoReturn:
     writes is closed, and every worker process reaped, before :func:`main` returns.
     """
     try:  # from here on, Python's KeyboardInterrupt or ours: caught below
-        signal.signal(signal.SIGINT, _on_sigint)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored, as by `nohup` or `&`
+            signal.signal(signal.SIGINT, _on_sigint)
         sys.unraisablehook = _on_unraisable
         import gc
 

@@ -96,6 +96,8 @@ def test_an_images_number_comes_from_its_name_and_the_seed() -> None:
     assert u[0] == u[1] == u[2] and len(set(u[2:].tolist())) == 4
     assert (boxes.image_uniforms(seed=1) != u).all()
     assert (boxes.image_uniforms(seed=2**64 + 1) == boxes.image_uniforms(seed=1)).all()
+    nul = BoxSet(np.full((3, 2), 100.0), np.ones((3, 2)), np.arange(3), image_names=("a\0b.jpg", "a\0b.png", "c"))
+    assert nul.image_uniforms(0)[0] == nul.image_uniforms(0)[1] != nul.image_uniforms(0)[2]
     unnamed = BoxSet(np.full((3, 2), 100.0), np.ones((3, 2)), np.arange(3))
     assert unnamed.image_uniforms(0).tolist() == BoxSet(np.full((4, 2), 9.0), np.ones((4, 2)), np.arange(4)
                                                         ).image_uniforms(0)[:3].tolist()

@@ -341,8 +341,9 @@ def test_yolo_symlink_loops_are_walked_once(tmp_path: Path) -> None:
     (labels / "root").symlink_to(tmp_path, target_is_directory=True)
     (tmp_path / "images" / "train" / "again").symlink_to("../train", target_is_directory=True)
     (tmp_path / "images" / "train" / "twice").symlink_to("../../images", target_is_directory=True)
-    for path in (yaml_path, labels, tmp_path):
-        out = read_elsewhere("read_yolo", path, cache=False)
+    for reader, path in (("read_yolo", yaml_path), ("read_yolo", labels), ("read_yolo", tmp_path),
+                         ("load_boxes", tmp_path)):
+        out = read_elsewhere(reader, path, **({"cache": False} if reader == "read_yolo" else {}))
         assert (out["n_images"], out["n_boxes"], out["skipped"], out["warnings"]) == (3, 3, {}, []), out
         assert out["names"] == list(expected.image_names)
     (labels / "self.txt").symlink_to("self.txt")
