@@ -174,3 +174,43 @@ def test_the_random_min_size_tuple_is_covered() -> None:
     # the mean of the two, but for the few boxes under 2 px at one size only, left out there
     assert both.score(anchors, 0.5).recall == pytest.approx(sum(recalls) / 2, abs=1e-3)
     assert recalls[0] != pytest.approx(recalls[1], abs=1e-3)
+
+
+def test_a_retinanet_given_only_annotations_gains_on_held_out_images(tmp_path: Path) -> None:
+    """Fitted on the 150-image slice through ``AutoAnchor(annotations=...)``, scored on the 850 other images of
+    the demo's COCO sample, which the fit never saw."""
+    from lightning_autoanchor.demo.data import DEFAULT_ANNOTATIONS
+
+    module, callback = Detector(), AutoAnchor(annotations=str(COCO150))
+    defaults = find_torchvision_anchors(module).structure()
+    trainer(tmp_path, callback).fit(module, Boxes())
+    adapter = find_torchvision_anchors(module)
+    seen = set(load_boxes(COCO150).image_names)
+    sample = load_boxes(DEFAULT_ANNOTATIONS)
+    unseen = np.array([name not in seen for name in sample.image_names])
+    rows = unseen[sample.image_index]
+    held_out = BoxSet(sample.image_sizes, sample.wh[rows], sample.image_index[rows], xy=sample.xy[rows])
+    assert len(held_out) > 5000
+    placed = place_boxes(held_out, adapter.detector_resize(), adapter.layout, 0.0)
+    before = placed.score(defaults.cell_anchors(), 0.5)
+    after = placed.score(adapter.structure().cell_anchors(), 0.5)
+    assert after.recall > before.recall + 0.05, (before, after)
+
+
+def test_ssd_default_boxes_are_fitted_in_their_own_parametrisation(tmp_path: Path) -> None:
+    def ssdlite() -> torch.nn.Module:
+        return detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=3)
+
+    module, callback = Detector(ssdlite), AutoAnchor(seed=0)
+    before = find_torchvision_anchors(module)
+    count, scales = before.num_anchors_per_location(), before.structure().scales
+    trainer(tmp_path, callback).fit(module, Boxes())
+    update = callback.update
+    assert isinstance(update, GridUpdate) and update.fitted
+    after = find_torchvision_anchors(module)
+    assert after.num_anchors_per_location() == count
+    if update.replaced:
+        assert update.after.recall > update.before.recall and after.structure().scales != scales
+    module.model.eval()
+    with torch.no_grad():
+        module.model([torch.rand(3, 96, 128)])

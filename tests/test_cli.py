@@ -232,7 +232,6 @@ BAD_INPUTS = {  # run id: (arguments, text the error line must contain)
 BAD_ARGUMENTS = {  # run id: arguments the parser itself refuses
     "metric-foo": ["compute", DEMO, "--metric", "foo"],
     "n-not-int": ["compute", DEMO, "--n", "many"],
-    "no-anchors": ["check", DEMO],  # --anchors is required
     "no-such-command": ["frobnicate", DEMO],
 }
 
@@ -267,6 +266,14 @@ def test_bad_arguments_are_usage_errors(bad_runs: dict, key: str) -> None:
     assert "Traceback (most recent call last)" not in proc.stderr
     assert "error:" in proc.stderr and "usage:" in proc.stderr
     assert proc.stdout == ""
+
+
+def test_check_needs_anchors_for_yolo_heads() -> None:
+    """``--anchors`` is optional for the torchvision families (they check the model's own), not for YOLO heads."""
+    proc = cli("check", DEMO)
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert proc.stderr == (f"{PROG}: error: check needs --anchors (w,h pairs in pixels at --img-size) for "
+                           "--family yolo\n")
 
 
 def test_readers_never_import_torch() -> None:
