@@ -25,7 +25,8 @@ Sections (``--sections``, default all):
     ``ssd300_vgg16``: fixed 300 x 300, ``DefaultBoxGenerator`` on feature maps 38-1, threshold 0.5.
 
 Rows: the model's defaults; this project's fit in the model's structure (ratios per level, and shared by all
-levels); and, scored by the same placed measure, two searches that work on *centred* boxes (both anchor and
+levels; for Faster R-CNN also ``refactor=True``, which may write its 3 anchors per location as 3 sizes x 1
+ratio); and, scored by the same placed measure, two searches that work on *centred* boxes (both anchor and
 box centred at the same point, as anchor tools for YOLO do):
 
 * **MMYOLO-style**: k-means with distance ``1 - IoU`` (darknet's, MMYOLO's ``YOLOKMeansAnchorOptimizer``) on
@@ -192,15 +193,18 @@ class Report:
 
 
 def compare_generator(report: Report, section: str, box_set: BoxSet, placed: PlacedBoxes, resize: DetectorResize,
-                      start: GeneratorAnchors, thr: float, seed: int) -> None:
-    """Defaults, our fits (ratios per level and shared), MMYOLO-style and anchor-optimization-style rows."""
+                      start: GeneratorAnchors, thr: float, seed: int, refactor: bool = False) -> None:
+    """Defaults, our fits (ratios per level and shared; and with ``refactor``, the split of the anchors per
+    location chosen too), MMYOLO-style and anchor-optimization-style rows."""
     count = f"{len(start.sizes[0])} sizes x {len(start.aspect_ratios[0])} ratios"
     report.row(section, "defaults", count, placed.score(start.cell_anchors(), thr), anchors=start.as_dict())
-    for shared in (False, True):
-        result, wall, cpu = timed(lambda shared=shared: fit_anchor_generator(placed, start, thr, shared_ratios=shared,
-                                                                             seed=seed))
-        report.row(section, "this project", f"{count}, ratios {'shared' if shared else 'per level'}",
-                   result.scores, wall, cpu, result.anchors.as_dict())
+    for shared, refactored in ((False, False), (True, False)) + (((False, True),) if refactor else ()):
+        result, wall, cpu = timed(lambda shared=shared, refactored=refactored: fit_anchor_generator(
+            placed, start, thr, shared_ratios=shared, refactor=refactored, seed=seed))
+        fitted = result.anchors
+        structure = (f"{len(fitted.sizes[0])} sizes x {len(fitted.aspect_ratios[0])} ratios, "
+                     f"ratios {'shared' if shared else 'per level'}{', refactor=True' if refactored else ''}")
+        report.row(section, "this project", structure, result.scores, wall, cpu, fitted.as_dict())
     wh = centred_sizes(box_set, resize)
     per_level = start.num_anchors_per_location()[0]
     free, wall, cpu = timed(lambda: mmyolo_style(wh, len(start.sizes), per_level, seed))
@@ -263,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "fasterrcnn" in sections:
         placed = place_boxes(box_set, rcnn_resize, fpn_layout(range(2, 7)))
         compare_generator(report, "fasterrcnn", box_set, placed, rcnn_resize, GeneratorAnchors(RPN_SIZES, [RATIOS] * 5),
-                          0.7, args.seed)
+                          0.7, args.seed, refactor=True)
         report.print("fasterrcnn", "fasterrcnn_resnet50_fpn (RPN), COCO val2017, 800/1333, threshold 0.7")
 
     if "ssd" in sections:

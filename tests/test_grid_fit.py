@@ -130,6 +130,18 @@ def test_shared_ratios_are_one_set_for_every_level(retina_boxes: PlacedBoxes) ->
                              shared_ratios=True)
 
 
+def test_refactor_keeps_the_anchors_per_location_and_never_does_worse(coco: BoxSet) -> None:
+    placed = place_boxes(coco, DetectorResize(MIN_SIZE, MAX_SIZE), fpn_layout(range(2, 7)))
+    rpn = GeneratorAnchors([(32,), (64,), (128,), (256,), (512,)], [(0.5, 1.0, 2.0)] * 5)
+    kept = fit_anchor_generator(placed, rpn, 0.7, restarts=0)
+    refactored = fit_anchor_generator(placed, rpn, 0.7, restarts=0, refactor=True)
+    assert refactored.anchors.num_anchors_per_location() == [3] * 5
+    assert refactored.scores.recall >= kept.scores.recall
+    assert refactored.scores == placed.score(refactored.anchors.cell_anchors(), 0.7)
+    assert AnchorGenerator(refactored.anchors.sizes, refactored.anchors.aspect_ratios).num_anchors_per_location() \
+        == [3] * 5
+
+
 def test_search_on_a_subsample_is_scored_on_every_box(retina_boxes: PlacedBoxes) -> None:
     result = fit_anchor_generator(retina_boxes, RETINA, 0.5, restarts=0, max_search_rows=300)
     assert result.n_search_rows == 300
