@@ -5,10 +5,8 @@ All anchors here are ``(K, 2)`` widths and heights in pixels at the training siz
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -16,49 +14,8 @@ from torch import Tensor
 
 from lightning_autoanchor import __version__
 from lightning_autoanchor.errors import ConfigError
+from lightning_autoanchor.formats import anchors_yaml, yolo_number  # noqa: F401  (moved; imported from here too)
 from lightning_autoanchor.metrics import AnchorScores
-
-
-def default_strides(levels: int) -> list[int]:
-    """Strides of detection levels P3, P4, ... (8, 16, 32, ...), as in YOLO configs."""
-    return [8 * 2**i for i in range(levels)]
-
-
-def anchors_per_level(anchors: Tensor, levels: int) -> list[Tensor]:
-    """Split anchors sorted by area into ``levels`` equal groups, small to large."""
-    if levels < 1 or len(anchors) % levels:
-        raise ConfigError(f"{len(anchors)} anchors cannot be split evenly over {levels} levels")
-    return list(anchors.reshape(levels, -1, 2))
-
-
-def yolo_number(value: float) -> str:
-    """Whole pixels as YOLO configs write anchors; one decimal under 10 px, where whole pixels are too coarse."""
-    return f"{value:.0f}" if value >= 10 else f"{value:.1f}"
-
-
-def _level_name(index: int, stride: float) -> str:
-    """``P3/8`` for stride 8 (the level's downsampling power of two), else ``level 0/12``."""
-    power = math.log2(stride) if stride > 0 else 0.5
-    return f"P{int(power)}/{stride:g}" if power == int(power) else f"level {index}/{stride:g}"
-
-
-def anchors_yaml(anchors: Tensor, levels: int, *, strides: Sequence[float] | None = None,
-                 comments: Sequence[str] = ()) -> str:
-    """The ``anchors:`` block of a YOLO model config, one row per level, with ``comments`` on top.
-
-    >>> print(anchors_yaml(torch.tensor([[10., 13], [16, 30], [33, 23]]), 1))
-    anchors:
-      - [10,13, 16,30, 33,23]  # P3/8
-    <BLANKLINE>
-    """
-    strides = list(strides) if strides is not None else default_strides(levels)
-    if len(strides) != levels:
-        raise ConfigError(f"{levels} levels need {levels} strides, got {strides}")
-    lines = [f"# {c}" for c in comments] + ["anchors:"]
-    for i, (level, stride) in enumerate(zip(anchors_per_level(anchors, levels), strides, strict=True)):
-        pairs = ", ".join(f"{yolo_number(w)},{yolo_number(h)}" for w, h in level.tolist())
-        lines.append(f"  - [{pairs}]  # {_level_name(i, stride)}")
-    return "\n".join(lines) + "\n"
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
