@@ -43,6 +43,9 @@ def _common(parser: ArgumentParser) -> None:
                         help="split of a dataset YAML (default train) or VOC ImageSets list")
     parser.add_argument("--strict", action="store_true", help="refuse bad annotations instead of skipping them")
     parser.add_argument("--list-small", action="store_true", help="list the images with boxes under 3 px")
+    parser.add_argument("--scale-aug", type=float, default=0.0,
+                        help="the training's scale augmentation: factors uniform on 1 +- this (YOLOv5's hyp "
+                             "'scale', e.g. 0.5); scores (and the fit) cover it, beside the nominal scores")
     parser.add_argument("--device", type=str, default="cpu", help="torch device for the per-box work, e.g. cuda")
     parser.add_argument("--quiet", action="store_true", help="no progress bars (they show only on a terminal)")
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
@@ -68,7 +71,10 @@ def build_parser() -> ArgumentParser:
     compute.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     compute.add_argument("--init", type=Literal["log", "iou", "euclidean"], default="log",
                          help="k-means for the starting anchors (default log)")
-    compute.add_argument("--out", type=str | None, default=None, help="write the anchors as YOLO config YAML here")
+    compute.add_argument("--out", type=str | None, default=None, help="write the anchors in --format here")
+    compute.add_argument("--format", type=Literal["yolov5", "mmdet", "darknet", "torchvision"], default="yolov5",
+                         help="config text of --out and the printed block: YOLOv5/v7 model YAML (default), "
+                              "MMDetection/MMYOLO prior_generator, darknet [yolo] lines, torchvision AnchorGenerator")
     compute.add_argument("--plot", type=str | None, default=None, help="save a plot of boxes and anchors (PNG)")
     commands.add_subcommand("compute", compute, help="fit new anchors to a dataset")
     return parser
@@ -148,19 +154,46 @@ def _print_human(args: Namespace, box_set: Any, summary: dict[str, Any], lines: 
 
 
 def run_check(args: Namespace, reading: ForkedCall[BoxSet]) -> dict[str, Any]:
+    from lightning_autoanchor.augment import check_scale_aug
     from lightning_autoanchor.metrics import DEFAULT_THR, score_anchors
     from lightning_autoanchor.reporting import describe_scores
 
     anchors = parse_anchors(args.anchors)
     thr = DEFAULT_THR[args.metric] if args.thr is None else args.thr
+    scale_aug = check_scale_aug(args.scale_aug)
     box_set, wh, dropped = _load(args, reading)
-    scores = score_anchors(wh, anchors.to(wh.device), thr, args.metric)
-    out = {"anchors": anchors.tolist(), **scores.as_dict(), "thr": thr, **_data_summary(args, box_set, dropped)}
+    scores = score_anchors(wh, anchors.to(wh.device), thr, args.metric, scale_aug=scale_aug)
+    nominal = score_anchors(wh, anchors.to(wh.device), thr, args.metric) if scale_aug else None
+    out = {"anchors": anchors.tolist(), **scores.as_dict(), "thr": thr, "scale_aug": scale_aug,
+           **_sides(nominal, scores), **_data_summary(args, box_set, dropped)}
     if not args.json:
         pairs = "  ".join(f"{w:g},{h:g}" for w, h in anchors.tolist())
-        _print_human(args, box_set, out, [f"anchors ({len(anchors)}): {pairs}",
-                                          *describe_scores(scores, thr, args.metric)])
+        described = (_describe_side_by_side(nominal, scores, thr, args.metric, scale_aug) if nominal
+                     else describe_scores(scores, thr, args.metric))
+        _print_human(args, box_set, out, [f"anchors ({len(anchors)}): {pairs}", *described])
     return out
+
+
+def _sides(nominal: Any, augmented: Any) -> dict[str, Any]:
+    """``nominal`` and ``augmented`` score dicts for ``--json`` when a scale augmentation is given, else none."""
+    return {"nominal": nominal.as_dict(), "augmented": augmented.as_dict()} if nominal else {}
+
+
+def _describe_side_by_side(nominal: Any, augmented: Any, thr: float, metric: str, scale_aug: float) -> list[str]:
+    """Console lines with the nominal scores and those under the scale augmentation in two columns."""
+    from lightning_autoanchor.augment import scale_range
+
+    rule = f"both sides within {thr:g}x of an anchor" if metric == "ratio" else f"width/height IoU above {thr:g}"
+    rows = [("best possible recall", "bpr", "{:.4f}", f"share of boxes with {rule}"),
+            ("anchors per target", "aat", "{:.2f}", ""),
+            ("fitness", "fitness", "{:.4f}", "YOLOv5's anchor fitness"),
+            ("average IoU", "avg_iou", "{:.4f}", "")]
+    head = f"scale {scale_range(scale_aug)}"
+    lines = [f"{'':21}{'nominal':>9}  {head:>13}"]
+    for label, key, number, note in rows:
+        values = (number.format(getattr(nominal, key)), number.format(getattr(augmented, key)))
+        lines.append(f"{label:21}{values[0]:>9}  {values[1]:>13}" + (f"  ({note})" if note else ""))
+    return lines
 
 
 @contextmanager
@@ -173,9 +206,10 @@ def _writing(path: str) -> Iterator[None]:
 
 
 def run_compute(args: Namespace, reading: ForkedCall[BoxSet]) -> dict[str, Any]:
+    from lightning_autoanchor.augment import check_scale_aug, scale_range
+    from lightning_autoanchor.formats import anchors_per_level, default_strides, export_anchors
     from lightning_autoanchor.optimizer import fit_anchors
     from lightning_autoanchor.reporting import (
-        anchors_yaml,
         describe_scores,
         header_comments,
         plot_anchors,
@@ -186,14 +220,19 @@ def run_compute(args: Namespace, reading: ForkedCall[BoxSet]) -> dict[str, Any]:
         raise ConfigError(f"--n and --levels must be at least 1, got {args.n} and {args.levels}")
     if args.n % args.levels:
         raise ConfigError(f"--n {args.n} anchors cannot be split evenly over --levels {args.levels}")
+    scale_aug = check_scale_aug(args.scale_aug)
     box_set, wh, dropped = _load(args, reading)
     result = fit_anchors(wh, args.n, thr=args.thr, metric=args.metric, generations=args.generations,
-                         seed=args.seed, init=args.init, progress=not args.quiet)
-    out = {**result.as_dict(), **_data_summary(args, box_set, dropped)}
+                         seed=args.seed, init=args.init, scale_aug=scale_aug, progress=not args.quiet)
+    out = {**result.as_dict(), **_data_summary(args, box_set, dropped), "format": args.format}
     out["anchors"] = result.anchors.tolist()
-    text = anchors_yaml(result.anchors, args.levels,
-                        comments=header_comments(str(args.data), args.img_size, args.resize, args.metric,
-                                                 result.thr, result.scores, args.seed))
+    comments = header_comments(str(args.data), args.img_size, args.resize, args.metric, result.thr, result.scores,
+                               args.seed)
+    if result.nominal:
+        comments.append(f"scores above: expected under scale augmentation {scale_range(scale_aug)}; nominal: "
+                        f"fitness {result.nominal.fitness:.4f}, best possible recall {result.nominal.bpr:.4f}")
+    text = export_anchors(args.format, anchors_per_level(result.anchors, args.levels), default_strides(args.levels),
+                          comments)
     if args.out:
         with _writing(args.out):
             out["out"] = str(write_text_atomic(args.out, text))
@@ -202,9 +241,12 @@ def run_compute(args: Namespace, reading: ForkedCall[BoxSet]) -> dict[str, Any]:
             out["plot"] = str(plot_anchors(wh, result.anchors, args.plot, thr=result.thr, metric=args.metric,
                                            title=f"{args.data} at {args.img_size:g} px"))
     if not args.json:
-        _print_human(args, box_set, out, [*describe_scores(result.scores, result.thr, args.metric),
-                                          f"fitted in {result.seconds:.2f} s (seed {args.seed})", "", text.rstrip()])
-        for key, what in (("out", "anchors YAML"), ("plot", "plot")):
+        described = (_describe_side_by_side(result.nominal, result.scores, result.thr, args.metric, scale_aug)
+                     if result.nominal else describe_scores(result.scores, result.thr, args.metric))
+        _print_human(args, box_set, out, [*described, f"fitted in {result.seconds:.2f} s (seed {args.seed})", "",
+                                          text.rstrip()])
+        for key, what in (("out", "anchors YAML" if args.format == "yolov5" else f"anchors ({args.format})"),
+                          ("plot", "plot")):
             if key in out:
                 print(f"wrote {what}: {out[key]}")
     return out

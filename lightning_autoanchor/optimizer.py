@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from lightning_autoanchor.augment import augment_log_bins, check_scale_aug
 from lightning_autoanchor.boxes import MIN_FIT_SIZE, fit_mask, log_bins
 from lightning_autoanchor.clustering import KMeansInit, initial_anchors
 from lightning_autoanchor.errors import AnchorFitError, ConfigError
@@ -38,10 +39,12 @@ class AnchorResult:
 
     Attributes:
         anchors: ``(K, 2)`` float32 widths and heights in pixels at the training size, sorted by area.
-        scores: exact fit of ``anchors`` on all boxes used (see :class:`AnchorScores`).
+        scores: exact fit of ``anchors`` on all boxes used (see :class:`AnchorScores`), under the scale
+            augmentation when ``scale_aug`` > 0: what the fit maximised.
         n_dropped: boxes left out for being under 2 px on both sides.
-        metric, thr, seed, generations: the settings used.
+        metric, thr, seed, generations, scale_aug: the settings used.
         seconds: wall time of the fit.
+        nominal: with ``scale_aug`` > 0, the scores on the boxes at their nominal size (factor 1); else ``None``.
     """
 
     anchors: Tensor
@@ -52,9 +55,16 @@ class AnchorResult:
     seed: int
     generations: int
     seconds: float = field(compare=False)
+    scale_aug: float = 0.0
+    nominal: AnchorScores | None = None
 
     def as_dict(self) -> dict[str, object]:
-        """Plain-Python summary (anchors as ``[[w, h], ...]``) for JSON, YAML and checkpoints."""
+        """Plain-Python summary (anchors as ``[[w, h], ...]``) for JSON, YAML and checkpoints.
+
+        The scores are top-level keys; with ``scale_aug`` > 0 they are the augmented ones, and
+        ``nominal`` and ``augmented`` hold both sets side by side.
+        """
+        sides = {"nominal": self.nominal.as_dict(), "augmented": self.scores.as_dict()} if self.nominal else {}
         return {
             "anchors": [[round(float(w), 2), round(float(h), 2)] for w, h in self.anchors.tolist()],
             **self.scores.as_dict(),
@@ -63,6 +73,8 @@ class AnchorResult:
             "thr": self.thr,
             "seed": self.seed,
             "generations": self.generations,
+            "scale_aug": self.scale_aug,
+            **sides,
             "seconds": round(self.seconds, 4),
         }
 
@@ -103,7 +115,7 @@ def prepare_boxes(wh: Tensor) -> tuple[Tensor, int]:
 
 def fit_anchors(wh: Tensor, n: int = 9, *, thr: float | None = None, metric: Metric = "ratio",
                 generations: int = 1000, mutation_prob: float = 0.9, sigma: float = 0.1,
-                population: int = 10, init: KMeansInit = "log", seed: int = 0,
+                population: int = 10, init: KMeansInit = "log", seed: int = 0, scale_aug: float = 0.0,
                 progress: bool = False) -> AnchorResult:
     """Fit ``n`` anchors to box sizes.
 
@@ -114,6 +126,8 @@ def fit_anchors(wh: Tensor, n: int = 9, *, thr: float | None = None, metric: Met
     (:func:`~lightning_autoanchor.evolution.evolve`, ``generations`` mutants split over the starts);
     climb to a local maximum by coordinate search (:func:`~lightning_autoanchor.evolution.refine`);
     polish the fittest on a finer grid; sort by area; score exactly on every box.
+    With ``scale_aug``, all of it runs on the boxes as the training's scale augmentation shows them: the
+    summary is convolved with the distribution of the log factor (:mod:`lightning_autoanchor.augment`).
 
     Args:
         wh: ``(N, 2)`` box widths and heights in pixels at the training size
@@ -128,6 +142,10 @@ def fit_anchors(wh: Tensor, n: int = 9, *, thr: float | None = None, metric: Met
         population: mutants scored together per generation (1: YOLOv5's (1+1) scheme).
         init: k-means flavour for the starts: ``"log"``, ``"iou"`` or ``"euclidean"`` (YOLOv5's).
         seed: seed of the private random generator; equal seeds give equal anchors.
+        scale_aug: the training's scale augmentation ``a`` in ``[0, 1)``: each image scaled by a factor
+            uniform on ``[1 - a, 1 + a]`` (YOLOv5's hyperparameter ``scale``; multi-scale training likewise).
+            The fit maximises, and ``scores`` report, the expected fit over that factor; ``nominal`` the
+            fit at factor 1. 0: no augmentation.
         progress: show a progress bar on a terminal.
 
     Raises:
@@ -143,6 +161,7 @@ def fit_anchors(wh: Tensor, n: int = 9, *, thr: float | None = None, metric: Met
         raise ConfigError(f"mutation_prob must be in [0, 1] and sigma >= 0, got {mutation_prob} and {sigma}")
     thr = DEFAULT_THR[metric] if thr is None else float(thr)
     match_cut(metric, thr)
+    scale_aug = check_scale_aug(scale_aug)
     wh, n_dropped = prepare_boxes(wh)
     if len(wh) == 0:
         raise AnchorFitError(f"no boxes to fit anchors to: all {n_dropped} boxes are under "
@@ -155,8 +174,11 @@ def fit_anchors(wh: Tensor, n: int = 9, *, thr: float | None = None, metric: Met
     # Summaries are built where the boxes are (a GPU, for boxes on one). The search runs on the CPU
     # and on one thread: its tensors are small, so per-operation overhead sets the pace, and a thread
     # pool that waits for a core another process holds would slow each of its thousands of steps.
-    fine = LogSpaceFitness(*(t.cpu() for t in log_bins(wh, FINE_BIN)), metric=metric, thr=thr)
+    points, weights = (t.cpu() for t in log_bins(wh, FINE_BIN))
     with single_thread():
+        if scale_aug:
+            points, weights = augment_log_bins(points, weights, scale_aug, FINE_BIN)
+        fine = LogSpaceFitness(points, weights, metric=metric, thr=thr)
         coarse = LogSpaceFitness(*log_bins(fine.points.exp(), COARSE_BIN, fine.weights), metric=metric, thr=thr)
         rough = LogSpaceFitness(*log_bins(coarse.points.exp(), ROUGH_BIN, coarse.weights), metric=metric, thr=thr)
         starts = initial_anchors(rough.points.exp(), n, init, weights=rough.weights, generator=generator,
@@ -171,11 +193,13 @@ def fit_anchors(wh: Tensor, n: int = 9, *, thr: float | None = None, metric: Met
     anchors = sort_by_area(best.exp())
     return AnchorResult(
         anchors=anchors,
-        scores=score_anchors(wh, anchors.to(wh.device), thr, metric),
+        scores=score_anchors(wh, anchors.to(wh.device), thr, metric, scale_aug=scale_aug),
         n_dropped=n_dropped,
         metric=metric,
         thr=thr,
         seed=seed,
         generations=generations,
         seconds=time.perf_counter() - started,
+        scale_aug=scale_aug,
+        nominal=score_anchors(wh, anchors.to(wh.device), thr, metric) if scale_aug else None,
     )
