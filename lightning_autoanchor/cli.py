@@ -52,6 +52,9 @@ def _common(parser: ArgumentParser) -> None:
                         help="split of a dataset YAML (default train) or VOC ImageSets list")
     parser.add_argument("--strict", action="store_true", help="refuse bad annotations instead of skipping them")
     parser.add_argument("--list-small", action="store_true", help="list the images with boxes under 3 px")
+    parser.add_argument("--scale-aug", type=float, default=0.0,
+                        help="the training's scale augmentation: factors uniform on 1 +- this (YOLOv5's hyp "
+                             "'scale', e.g. 0.5); scores (and the fit) cover it, beside the nominal scores")
     parser.add_argument("--device", type=str, default="cpu", help="torch device for the per-box work, e.g. cuda")
     parser.add_argument("--quiet", action="store_true", help="no progress bars (they show only on a terminal)")
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
@@ -105,7 +108,10 @@ def build_parser() -> ArgumentParser:
     compute.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     compute.add_argument("--init", type=Literal["log", "iou", "euclidean"], default="log",
                          help="k-means for the starting anchors (default log)")
-    compute.add_argument("--out", type=str | None, default=None, help="write the anchors as YOLO config YAML here")
+    compute.add_argument("--out", type=str | None, default=None, help="write the anchors in --format here")
+    compute.add_argument("--format", type=Literal["yolov5", "mmdet", "darknet", "torchvision"], default="yolov5",
+                         help="config text of --out and the printed block: YOLOv5/v7 model YAML (default), "
+                              "MMDetection/MMYOLO prior_generator, darknet [yolo] lines, torchvision AnchorGenerator")
     compute.add_argument("--plot", type=str | None, default=None, help="save a plot of boxes and anchors (PNG)")
     commands.add_subcommand("compute", compute, help="fit new anchors to a dataset")
     return parser
@@ -181,7 +187,7 @@ def _settings(args: Namespace) -> AnchorSettings:
     from lightning_autoanchor.settings import AnchorSettings
 
     names = ("img_size", "resize", "metric", "thr", "bpr_threshold", "generations", "seed", "objective",
-             "min_stride_ratio")
+             "min_stride_ratio", "scale_aug")
     given = {name: args[name] for name in names if name in args and args[name] is not None}
     try:
         return AnchorSettings(**given)
@@ -250,20 +256,45 @@ def run_check(args: Namespace) -> dict[str, Any]:
 
         raise ConfigError("check needs --anchors (w,h pairs in pixels at --img-size) for --family yolo")
     anchors = parse_anchors(args.anchors)
-    thr = settings.thr
+    thr, scale_aug = settings.thr, settings.scale_aug
     box_set, wh, dropped = _load(args, _device(args.device))
-    scores = score_anchors(wh, anchors.to(wh.device), thr, args.metric)
+    scores = score_anchors(wh, anchors.to(wh.device), thr, args.metric, scale_aug=scale_aug)
+    nominal = score_anchors(wh, anchors.to(wh.device), thr, args.metric) if scale_aug else None
     fits = scores.bpr >= args.bpr_threshold
     out = {"anchors": anchors.tolist(), **scores.as_dict(), "thr": thr, "fits": fits,
-           "bpr_threshold": args.bpr_threshold, **_data_summary(args, box_set, dropped)}
+           "bpr_threshold": args.bpr_threshold, "scale_aug": scale_aug, **_sides(nominal, scores),
+           **_data_summary(args, box_set, dropped)}
     if not args.json:
         pairs = "  ".join(f"{w:g},{h:g}" for w, h in anchors.tolist())
         verdict = (f"the anchors fit: best possible recall {scores.bpr:.4f} >= {args.bpr_threshold:g}" if fits else
                    f"a re-fit is advised: best possible recall {scores.bpr:.4f} < {args.bpr_threshold:g} "
                    f"({PROG} compute fits new anchors)")
-        _print_human(args, box_set, out, [f"anchors ({len(anchors)}): {pairs}",
-                                          *describe_scores(scores, thr, args.metric), verdict])
+        described = (_describe_side_by_side(nominal, scores, thr, args.metric, scale_aug) if nominal
+                     else describe_scores(scores, thr, args.metric))
+        _print_human(args, box_set, out, [f"anchors ({len(anchors)}): {pairs}", *described, verdict])
     return out
+
+
+def _sides(nominal: Any, augmented: Any) -> dict[str, Any]:
+    """``nominal`` and ``augmented`` score dicts for ``--json`` when a scale augmentation is given, else none."""
+    return {"nominal": nominal.as_dict(), "augmented": augmented.as_dict()} if nominal else {}
+
+
+def _describe_side_by_side(nominal: Any, augmented: Any, thr: float, metric: str, scale_aug: float) -> list[str]:
+    """Console lines with the nominal scores and those under the scale augmentation in two columns."""
+    from lightning_autoanchor.augment import scale_range
+
+    rule = f"both sides within {thr:g}x of an anchor" if metric == "ratio" else f"width/height IoU above {thr:g}"
+    rows = [("best possible recall", "bpr", "{:.4f}", f"share of boxes with {rule}"),
+            ("anchors per target", "aat", "{:.2f}", ""),
+            ("fitness", "fitness", "{:.4f}", "YOLOv5's anchor fitness"),
+            ("average IoU", "avg_iou", "{:.4f}", "")]
+    head = f"scale {scale_range(scale_aug)}"
+    lines = [f"{'':21}{'nominal':>9}  {head:>13}"]
+    for label, key, number, note in rows:
+        values = (number.format(getattr(nominal, key)), number.format(getattr(augmented, key)))
+        lines.append(f"{label:21}{values[0]:>9}  {values[1]:>13}" + (f"  ({note})" if note else ""))
+    return lines
 
 
 class _Writing:
@@ -328,13 +359,10 @@ def _level_lines(wh: Any, result: Any, metric: str) -> tuple[list[str], list[flo
 
 
 def run_compute(args: Namespace) -> dict[str, Any]:
+    from lightning_autoanchor.augment import scale_range
+    from lightning_autoanchor.formats import anchors_per_level, export_anchors
     from lightning_autoanchor.optimizer import fit_anchors
-    from lightning_autoanchor.reporting import (
-        anchors_yaml,
-        describe_scores,
-        header_comments,
-        write_text_atomic,
-    )
+    from lightning_autoanchor.reporting import describe_scores, header_comments, write_text_atomic
 
     args.img_size = _training_size(args)
     settings = _settings(args)
@@ -358,9 +386,13 @@ def run_compute(args: Namespace) -> dict[str, Any]:
     level_lines, shares = _level_lines(wh, result, args.metric)
     out.update({**result.as_dict(), **_data_summary(args, box_set, dropped), "level_shares": shares})
     out["anchors"] = result.anchors.tolist()
-    text = anchors_yaml(result.anchors, result.levels, strides=result.strides,
-                        comments=header_comments(str(args.data), args.img_size, args.resize, args.metric,
-                                                 result.thr, result.scores, args.seed))
+    out["format"] = args.format
+    comments = header_comments(str(args.data), args.img_size, args.resize, args.metric, result.thr, result.scores,
+                               args.seed)
+    if result.nominal:
+        comments.append(f"scores above: expected under scale augmentation {scale_range(result.scale_aug)}; "
+                        f"nominal: fitness {result.nominal.fitness:.4f}, best possible recall {result.nominal.bpr:.4f}")
+    text = export_anchors(args.format, anchors_per_level(result.anchors, result.levels), result.strides, comments)
     if args.out:
         with _Writing(args.out):
             out["out"] = str(write_text_atomic(args.out, text))
@@ -368,10 +400,13 @@ def run_compute(args: Namespace) -> dict[str, Any]:
         with _Writing(args.plot):
             out["plot"] = str(_plot(args, wh, result, curve))
     if not args.json:
-        _print_human(args, box_set, out, [*notes, *describe_scores(result.scores, result.thr, args.metric),
-                                          *level_lines, f"fitted in {result.seconds:.2f} s (seed {args.seed})", "",
-                                          text.rstrip()])
-        for key, what in (("out", "anchors YAML"), ("plot", "plot")):
+        described = (_describe_side_by_side(result.nominal, result.scores, result.thr, args.metric,
+                                            result.scale_aug)
+                     if result.nominal else describe_scores(result.scores, result.thr, args.metric))
+        _print_human(args, box_set, out, [*notes, *described, *level_lines,
+                                          f"fitted in {result.seconds:.2f} s (seed {args.seed})", "", text.rstrip()])
+        for key, what in (("out", "anchors YAML" if args.format == "yolov5" else f"anchors ({args.format})"),
+                          ("plot", "plot")):
             if key in out:
                 print(f"wrote {what}: {out[key]}")
     return out

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from lightning_autoanchor.augment import SCORE_MAX_MASS, SCORE_STEP, log_scale_kernel
 from lightning_autoanchor.errors import ConfigError
 from lightning_autoanchor.settings import AnchorSettings, Metric
 
@@ -133,7 +134,7 @@ class AnchorScores:
 
 
 def score_anchors(wh: Tensor, anchors: Tensor, thr: float | None = None, metric: Metric = "ratio",
-                  chunk_size: int = 1 << 16) -> AnchorScores:
+                  chunk_size: int = 1 << 16, scale_aug: float = 0.0) -> AnchorScores:
     """BPR, anchors per box, fitness and average IoU of ``anchors`` on all boxes, in one pass.
 
     Works in chunks of ``chunk_size`` boxes, so memory stays bounded for any ``N``; sums are kept
@@ -144,6 +145,11 @@ def score_anchors(wh: Tensor, anchors: Tensor, thr: float | None = None, metric:
         anchors: ``(K, 2)`` anchor widths and heights (pixels).
         thr: match threshold of ``metric`` (``None``: 4.0 for ratio, 0.5 for iou).
         metric: ``"ratio"`` or ``"iou"``.
+        scale_aug: the training's scale augmentation ``a`` in ``[0, 1)``: every score is the expectation
+            over a factor uniform on ``[1 - a, 1 + a]`` applied to each box, integrated for every box by
+            the quadrature of :func:`~lightning_autoanchor.augment.log_scale_kernel` (cells of
+            :data:`~lightning_autoanchor.augment.SCORE_STEP` and :data:`~lightning_autoanchor.augment.SCORE_MAX_MASS`;
+            its error is stated there). 0: the boxes as given.
     """
     cut = match_cut(metric, thr)
     if wh.ndim != 2 or wh.shape[1] != 2 or anchors.ndim != 2 or anchors.shape[1] != 2:
@@ -152,12 +158,20 @@ def score_anchors(wh: Tensor, anchors: Tensor, thr: float | None = None, metric:
     n = wh.shape[0]
     if n == 0:
         raise ConfigError("cannot score anchors on an empty box set")
+    shifts, kernel = log_scale_kernel(scale_aug, SCORE_STEP, SCORE_MAX_MASS)
+    factors = shifts.exp().to(device=wh.device, dtype=torch.float32)
+    kernel = kernel.to(wh.device)
+    per_chunk = max(1, chunk_size // len(factors))
     anchors = anchors.to(device=wh.device, dtype=torch.float32)
     anchor_w, anchor_h = anchors[:, 0], anchors[:, 1]
     anchor_area = anchor_w * anchor_h
     totals = torch.zeros(4, dtype=torch.float64, device=wh.device)
-    for start in range(0, n, chunk_size):
-        chunk = wh[start:start + chunk_size].to(torch.float32)
+    for start in range(0, n, per_chunk):
+        chunk = wh[start:start + per_chunk].to(torch.float32)
+        weights = None
+        if scale_aug:  # every box at every node: (chunk * m, 2), weighted by the nodes' probabilities
+            chunk = (chunk[:, None, :] * factors[:, None]).reshape(-1, 2)
+            weights = kernel.repeat(len(chunk) // len(factors))
         w, h = chunk[:, 0:1], chunk[:, 1:2]
         # Same results as ratio_metric / wh_iou, on contiguous (chunk, K) planes and sharing the minima.
         min_w, min_h = torch.minimum(w, anchor_w), torch.minimum(h, anchor_h)
@@ -170,10 +184,15 @@ def score_anchors(wh: Tensor, anchors: Tensor, thr: float | None = None, metric:
         best = quality.amax(dim=1)
         matched = best > cut
         totals += torch.stack([
-            matched.sum(dtype=torch.float64),
-            (quality > cut).sum(dtype=torch.float64),
-            (best * matched).sum(dtype=torch.float64),
-            iou.amax(dim=1).sum(dtype=torch.float64),
+            _weighted_sum(matched, weights),
+            _weighted_sum((quality > cut).sum(dim=1), weights),
+            _weighted_sum(best * matched, weights),
+            _weighted_sum(iou.amax(dim=1), weights),
         ])
     bpr, aat, fitness, avg_iou = (totals / n).tolist()
     return AnchorScores(bpr=bpr, aat=aat, fitness=fitness, avg_iou=avg_iou, n_boxes=n)
+
+
+def _weighted_sum(values: Tensor, weights: Tensor | None) -> Tensor:
+    """Float64 sum of ``(R,)`` values, each times its weight when ``weights`` is given."""
+    return values.sum(dtype=torch.float64) if weights is None else values.to(torch.float64) @ weights

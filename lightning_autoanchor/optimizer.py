@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_autoanchor.augment import augment_log_bins
 from lightning_autoanchor.boxes import MIN_FIT_SIZE, fit_mask, log_bins
 from lightning_autoanchor.clustering import KMeansInit, initial_anchors
 from lightning_autoanchor.errors import AnchorFitError, ConfigError
@@ -65,14 +66,17 @@ class AnchorResult:
 
     Attributes:
         anchors: ``(K, 2)`` float32 widths and heights in pixels at the training size, sorted by area.
-        scores: exact fit of ``anchors`` on all boxes used (see :class:`AnchorScores`).
+        scores: exact fit of ``anchors`` on all boxes used (see :class:`AnchorScores`), under the scale
+            augmentation when ``scale_aug`` > 0: what the fit maximised.
         n_dropped: boxes left out for being under 2 px on both sides.
-        metric, thr, seed, generations: the settings used.
+        metric, thr, seed, generations, scale_aug: the settings used.
         seconds: wall time of the fit.
         objective: what the fit maximised (see the module doc).
         levels: anchors per level, in the order of ``strides`` (the smallest anchors on the smallest stride).
         strides: pixels per cell of each level.
         min_stride_ratio: the per-level size limit the fit kept to (``None``: none).
+        scale_aug: the training's scale augmentation the fit and ``scores`` took into account (0: none).
+        nominal: with ``scale_aug`` > 0, the scores on the boxes at their nominal size (factor 1); else ``None``.
     """
 
     anchors: Tensor
@@ -87,6 +91,8 @@ class AnchorResult:
     levels: tuple[int, ...] = ()
     strides: tuple[float, ...] = ()
     min_stride_ratio: float | None = None
+    scale_aug: float = 0.0
+    nominal: AnchorScores | None = None
 
     @property
     def n(self) -> int:
@@ -99,7 +105,12 @@ class AnchorResult:
         return self.scores.avg_iou if self.objective == "avg_iou" else self.scores.fitness
 
     def as_dict(self) -> dict[str, object]:
-        """Plain-Python summary (anchors as ``[[w, h], ...]``) for JSON, YAML and checkpoints."""
+        """Plain-Python summary (anchors as ``[[w, h], ...]``) for JSON, YAML and checkpoints.
+
+        The scores are top-level keys; with ``scale_aug`` > 0 they are the augmented ones, and
+        ``nominal`` and ``augmented`` hold both sets side by side.
+        """
+        sides = {"nominal": self.nominal.as_dict(), "augmented": self.scores.as_dict()} if self.nominal else {}
         return {
             "anchors": [[round(float(w), 2), round(float(h), 2)] for w, h in self.anchors.tolist()],
             **self.scores.as_dict(),
@@ -108,6 +119,8 @@ class AnchorResult:
             "thr": self.thr,
             "seed": self.seed,
             "generations": self.generations,
+            "scale_aug": self.scale_aug,
+            **sides,
             "seconds": round(self.seconds, 4),
             "objective": self.objective,
             "levels": list(self.levels),
@@ -165,14 +178,19 @@ class Summaries:
 
 
 def summarise(wh: Tensor, *, metric: Metric = "ratio", thr: float | None = None,
-              objective: Objective = "fitness") -> Summaries:
+              objective: Objective = "fitness", scale_aug: float = 0.0) -> Summaries:
     """Summarise ``(N, 2)`` kept box sizes (see :func:`prepare_boxes`) for :func:`search`.
 
     The finest summary is built where the boxes are (a GPU, for boxes on one); the rest on the CPU.
+    With ``scale_aug``, the summary is convolved with the distribution of the training's log scale
+    factor (:mod:`lightning_autoanchor.augment`): the search then scores the boxes as the network sees them.
     """
     if objective == "avg_iou":  # the mean best IoU: every box counts
         metric, thr = "iou", 0.0
-    fine = LogSpaceFitness(*(t.cpu() for t in log_bins(wh, FINE_BIN)), metric=metric, thr=thr)
+    points, weights = (t.cpu() for t in log_bins(wh, FINE_BIN))
+    if scale_aug:
+        points, weights = augment_log_bins(points, weights, scale_aug, FINE_BIN)
+    fine = LogSpaceFitness(points, weights, metric=metric, thr=thr)
     with single_thread():
         coarse = LogSpaceFitness(*log_bins(fine.points.exp(), COARSE_BIN, fine.weights), metric=metric, thr=thr)
         rough = LogSpaceFitness(*log_bins(coarse.points.exp(), ROUGH_BIN, coarse.weights), metric=metric, thr=thr)
@@ -222,6 +240,8 @@ def fit_anchors(wh: Tensor, n: int | None = None, settings: AnchorSettings | Non
     (:func:`~lightning_autoanchor.evolution.evolve`, ``generations`` mutants split over the starts);
     climb to a local maximum by coordinate search (:func:`~lightning_autoanchor.evolution.refine`);
     polish the fittest on a finer grid; sort by area; score exactly on every box.
+    With ``scale_aug``, all of it runs on the boxes as the training's scale augmentation shows them: the
+    summary is convolved with the distribution of the log factor (:mod:`lightning_autoanchor.augment`).
 
     With ``min_stride_ratio``, every anchor's size ``sqrt(w * h)`` stays at or above that multiple
     of its level's stride, the anchors being sorted by area and laid out small to large over the
@@ -271,13 +291,15 @@ def fit_anchors(wh: Tensor, n: int | None = None, settings: AnchorSettings | Non
         raise AnchorFitError(f"cannot fit {n} anchors to {len(wh)} boxes: give at least as many boxes "
                              "as anchors, or ask for fewer anchors")
     generator = torch.Generator().manual_seed(settings.seed)
-    best = search(summarise(wh, metric=metric, thr=thr, objective=objective), n, generator=generator, init=init,
+    scale_aug = settings.scale_aug
+    best = search(summarise(wh, metric=metric, thr=thr, objective=objective, scale_aug=scale_aug), n,
+                  generator=generator, init=init,
                   generations=settings.generations, mutation_prob=settings.mutation_prob, sigma=settings.sigma,
                   population=population, floor=floor, progress=progress)
     anchors = sort_by_area(best.exp())
     return AnchorResult(
         anchors=anchors,
-        scores=score_anchors(wh, anchors.to(wh.device), thr, metric),
+        scores=score_anchors(wh, anchors.to(wh.device), thr, metric, scale_aug=scale_aug),
         n_dropped=n_dropped,
         metric=metric,
         thr=thr,
@@ -288,4 +310,6 @@ def fit_anchors(wh: Tensor, n: int | None = None, settings: AnchorSettings | Non
         levels=counts,
         strides=stride_values,
         min_stride_ratio=min_stride_ratio,
+        scale_aug=scale_aug,
+        nominal=score_anchors(wh, anchors.to(wh.device), thr, metric) if scale_aug else None,
     )

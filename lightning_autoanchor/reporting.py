@@ -6,7 +6,6 @@ function says ``(levels, per_level, 2)``.
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -19,7 +18,7 @@ from torch import Tensor
 from lightning_autoanchor import __version__
 from lightning_autoanchor.boxes import ImgSize, describe_img_size
 from lightning_autoanchor.errors import ConfigError
-from lightning_autoanchor.levels import Levels, default_strides, level_counts
+from lightning_autoanchor.formats import anchors_yaml, yolo_number
 from lightning_autoanchor.metrics import AnchorScores
 
 if TYPE_CHECKING:
@@ -30,8 +29,6 @@ if TYPE_CHECKING:
 __all__ = [
     "PLOT_NAME",
     "YAML_NAME",
-    "anchors_per_level",
-    "anchors_yaml",
     "describe_scores",
     "grid_report_lines",
     "header_comments",
@@ -43,51 +40,10 @@ __all__ = [
     "save_update",
     "write_atomic",
     "write_text_atomic",
-    "yolo_number",
 ]
 
 YAML_NAME = "autoanchor.yaml"
 PLOT_NAME = "autoanchor.png"
-
-
-def anchors_per_level(anchors: Tensor, levels: Levels) -> list[Tensor]:
-    """Split anchors sorted by area into ``levels`` equal groups, or groups of the given counts, small to large."""
-    if isinstance(levels, int) and (levels < 1 or len(anchors) % levels):
-        raise ConfigError(f"{len(anchors)} anchors cannot be split evenly over {levels} levels")
-    return list(anchors.split(list(level_counts(len(anchors), levels))))
-
-
-def yolo_number(value: float) -> str:
-    """Whole pixels as YOLO configs write anchors; one decimal under 10 px, where whole pixels are too coarse."""
-    return f"{value:.0f}" if value >= 10 else f"{value:.1f}"
-
-
-def _level_name(index: int, stride: float) -> str:
-    """``P3/8`` for stride 8 (the level's downsampling power of two), else ``level 0/12``."""
-    power = math.log2(stride) if stride > 0 else 0.5
-    return f"P{int(power)}/{stride:g}" if power == int(power) else f"level {index}/{stride:g}"
-
-
-def anchors_yaml(anchors: Tensor, levels: Levels, *, strides: Sequence[float] | None = None,
-                 comments: Sequence[str] = ()) -> str:
-    """The ``anchors:`` block of a YOLO model config, one row per level, with ``comments`` on top.
-
-    ``levels``: a number of levels with equal counts, or the count of each level (small to large).
-
-    >>> print(anchors_yaml(torch.tensor([[10., 13], [16, 30], [33, 23]]), 1))
-    anchors:
-      - [10,13, 16,30, 33,23]  # P3/8
-    <BLANKLINE>
-    """
-    n_levels = levels if isinstance(levels, int) else len(levels)
-    strides = list(strides) if strides is not None else default_strides(n_levels)
-    if len(strides) != n_levels:
-        raise ConfigError(f"{n_levels} levels need {n_levels} strides, got {strides}")
-    lines = [f"# {c}" for c in comments] + ["anchors:"]
-    for i, (level, stride) in enumerate(zip(anchors_per_level(anchors, levels), strides, strict=True)):
-        pairs = ", ".join(f"{yolo_number(w)},{yolo_number(h)}" for w, h in level.tolist())
-        lines.append(f"  - [{pairs}]  # {_level_name(i, stride)}")
-    return "\n".join(lines) + "\n"
 
 
 def _umask() -> int:

@@ -105,6 +105,9 @@ class AnchorSettings:
             ``"avg_iou"`` (YOLOv2's mean best width/height IoU, every box counting).
         min_stride_ratio: smallest anchor size ``sqrt(w * h)`` as a multiple of its level's stride,
             kept inside the fit (1.0: no anchor under its stride); ``None``: no limit.
+        scale_aug: the training's scale augmentation ``a`` in ``[0, 1)``: each image scaled by a factor
+            uniform on ``[1 - a, 1 + a]`` (YOLOv5's hyperparameter ``scale``); the check and the fit
+            score the boxes as the network sees them under it (0: none).
         min_size, max_size: for heads that resize like torchvision's detectors: the shorter-side
             target(s) and the longer-side cap in pixels, in place of the model's own (``None``: read
             from the model).
@@ -124,6 +127,7 @@ class AnchorSettings:
     seed: int = 0
     objective: Objective = "fitness"
     min_stride_ratio: float | None = None
+    scale_aug: float = 0.0
     min_size: int | tuple[int, ...] | None = None
     max_size: int | None = None
     iou_threshold: float | None = None
@@ -143,6 +147,8 @@ class AnchorSettings:
             "min_stride_ratio": None if self.min_stride_ratio is None else _number(
                 "min_stride_ratio", self.min_stride_ratio, 0, 100, low_open=True,
                 what="a multiple of the level's stride (1.0: no anchor under its stride)"),
+            "scale_aug": _number("scale_aug", self.scale_aug, 0, 1, high_open=True,
+                                 what="a scale augmentation (YOLOv5's scale: 0.5 for factors 0.5-1.5)"),
             "min_size": _min_size(self.min_size),
             "max_size": None if self.max_size is None else _integer("max_size", self.max_size, 1, MAX_IMG_SIZE),
             "iou_threshold": None if self.iou_threshold is None else _number(
