@@ -15,27 +15,35 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from lightning_autoanchor.grid_fit import DefaultBoxes, GeneratorAnchors, fit_anchor_generator, fit_default_boxes
+from lightning_autoanchor.grid_fit import (
+    DefaultBoxes,
+    FreeAnchors,
+    GeneratorAnchors,
+    fit_anchor_generator,
+    fit_default_boxes,
+    fit_free_anchors,
+)
 from lightning_autoanchor.placed import PlacedBoxes, PlacedScores
 from lightning_autoanchor.refit import AnchorUpdate
 
 __all__ = ["GridAnchors", "GridUpdate", "refit_grid_anchors", "structure_from_dict", "update_from_dict"]
 
-GridAnchors = GeneratorAnchors | DefaultBoxes
+GridAnchors = GeneratorAnchors | DefaultBoxes | FreeAnchors
 """The arguments of a grid head's anchor generator: torchvision's ``AnchorGenerator`` or SSD's
-``DefaultBoxGenerator``."""
+``DefaultBoxGenerator``, or a custom head's free anchors."""
+
+_KINDS: dict[str, type] = {"anchor_generator": GeneratorAnchors, "default_boxes": DefaultBoxes, "free": FreeAnchors}
 
 
 def structure_from_dict(data: dict[str, Any]) -> GridAnchors:
-    """The generator arguments of :meth:`GeneratorAnchors.as_dict` / :meth:`DefaultBoxes.as_dict` (with ``kind``)."""
+    """The generator arguments of :meth:`GeneratorAnchors.as_dict`, :meth:`DefaultBoxes.as_dict` or
+    :meth:`FreeAnchors.as_dict` (with ``kind``; none: ``"anchor_generator"``)."""
     fields = {k: v for k, v in data.items() if k != "kind"}
-    if data.get("kind") == "default_boxes":
-        return DefaultBoxes(**fields)
-    return GeneratorAnchors(**fields)
+    return _KINDS[data.get("kind", "anchor_generator")](**fields)
 
 
 def _as_dict(structure: GridAnchors) -> dict[str, Any]:
-    kind = "default_boxes" if isinstance(structure, DefaultBoxes) else "anchor_generator"
+    kind = next(name for name, cls in _KINDS.items() if isinstance(structure, cls))
     out = {"kind": kind, **structure.as_dict()}
     if isinstance(structure, DefaultBoxes):
         out["image_size"] = list(structure.image_size)
@@ -114,7 +122,8 @@ def refit_grid_anchors(structure: GridAnchors, placed: PlacedBoxes, thr: float, 
                        seed: int = 0, shared_ratios: bool = False, always_fit: bool = False, n_images: int = 0,
                        source: str = "") -> GridUpdate:
     """Score ``structure``'s anchors on ``placed`` boxes; if the placed recall at ``thr`` is under
-    ``bpr_threshold``, fit the generator's arguments anew, keeping the count of anchors per location.
+    ``bpr_threshold``, fit the generator's arguments (or free anchors) anew, keeping the count of anchors per
+    location.
 
     Args:
         structure: the generator's current arguments.
@@ -133,6 +142,8 @@ def refit_grid_anchors(structure: GridAnchors, placed: PlacedBoxes, thr: float, 
     if always_fit or before.recall < bpr_threshold:
         if isinstance(structure, DefaultBoxes):
             result = fit_default_boxes(placed, structure, thr, seed=seed)
+        elif isinstance(structure, FreeAnchors):
+            result = fit_free_anchors(placed, structure, thr, seed=seed)
         else:
             result = fit_anchor_generator(placed, structure, thr, shared_ratios=shared_ratios, seed=seed)
         candidate = result.scores
