@@ -248,7 +248,9 @@ class FreeAnchors:
         return [torch.tensor(level, dtype=torch.float32) for level in self.wh]
 
     def as_dict(self) -> dict[str, object]:
-        return {"wh": [[list(pair) for pair in level] for level in self.wh]}
+        """Each value as the shortest decimal that reads back as the same float32 (``10.76``, not
+        ``10.760000228881836``)."""
+        return {"wh": [[[float(str(np.float32(v))) for v in pair] for pair in level] for level in self.wh]}
 
 
 def _f32(value: float) -> float:

@@ -18,7 +18,7 @@ from lightning_autoanchor.boxes import MIN_FIT_SIZE
 from lightning_autoanchor.demo import RenderedBoxesDataModule
 from lightning_autoanchor.errors import ConfigError, HeadError
 from lightning_autoanchor.grid_fit import FreeAnchors, fit_free_anchors
-from lightning_autoanchor.heads import GridAnchorHead, find_heads
+from lightning_autoanchor.heads import GridAnchorHead, find_heads, holds
 from lightning_autoanchor.placed import place_boxes
 from lightning_autoanchor.refit import AnchorUpdate
 from lightning_autoanchor.refit_grid import GridUpdate, refit_grid_anchors, structure_from_dict, update_from_dict
@@ -103,7 +103,8 @@ def brute_force_best_iou(boxes: BoxSet, anchors: torch.Tensor, offset: float) ->
 
 def test_custom_grid_head_is_found_scored_fitted_and_written(tmp_path: Path) -> None:
     head = Head()
-    callback = fit(Detector(head), tmp_path)
+    module = Detector(head)
+    callback = fit(module, tmp_path)
     update = callback.update
     assert isinstance(update, GridUpdate)
     assert update.fitted and update.replaced and update.thr == 0.5
@@ -111,6 +112,9 @@ def test_custom_grid_head_is_found_scored_fitted_and_written(tmp_path: Path) -> 
     fitted = update.anchors_after
     assert isinstance(fitted, FreeAnchors) and fitted.num_anchors_per_location() == [2, 2, 2]
     assert torch.equal(head.read_anchors(), torch.stack(fitted.cell_anchors()))
+    recorded = [v for level in update.structure_after["wh"] for pair in level for v in pair]
+    assert all(round(v, 2) == v for v in recorded)  # 0.01 px, as fitted: no float32 digits in the YAML/state
+    assert holds(find_heads(module), fitted)  # the head's anchors, read back, are the recorded ones: no rewrite
     saved = yaml.safe_load((tmp_path / YAML_NAME).read_text())
     assert saved["class_path"].endswith("Head")
     assert np.allclose(saved["init_args"]["anchors"], head.read_anchors().view(3, -1).numpy(), rtol=1e-6)
@@ -157,8 +161,8 @@ def test_free_anchor_fit_is_never_worse_than_its_start(boxes: BoxSet, start: lis
     result = fit_free_anchors(placed, begin, 0.5, seed=1, restarts=0)
     assert not result.start.beats(result.scores)
     assert result.scores == placed.score(result.anchors.cell_anchors(), 0.5)  # the scored anchors are the result
+    assert structure_from_dict({"kind": "free", **result.anchors.as_dict()}) == result.anchors
     update = refit_grid_anchors(begin, placed, 0.5, bpr_threshold=1.0)
-    assert structure_from_dict(update.structure_after) == update.anchors_after
     assert update.after.recall >= update.before.recall
 
 
