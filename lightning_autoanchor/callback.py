@@ -24,7 +24,7 @@ from typing_extensions import override
 from lightning_autoanchor.boxes import BoxSet
 from lightning_autoanchor.collective import SpawnHandoff, outcome_from_rank_zero, write_on_every_rank
 from lightning_autoanchor.errors import AutoAnchorError, ConfigError
-from lightning_autoanchor.heads import Heads, find_heads, holds, write_heads
+from lightning_autoanchor.heads import GridAnchorHead, Heads, find_heads, holds, write_heads
 from lightning_autoanchor.placed import place_boxes
 from lightning_autoanchor.refit import AnchorUpdate, follows_strides, refit_anchors
 from lightning_autoanchor.refit_grid import GridUpdate, refit_grid_anchors, update_from_dict
@@ -191,9 +191,9 @@ class AutoAnchor(Callback):
         folder = self._save_folder(trainer)  # on every rank: trainer.log_dir is a collective call
         plot_wh: list[Tensor] = []  # rank 0's boxes at the training size, kept for the plot
         try:
-            update = outcome_from_rank_zero(trainer.strategy, lambda: self._check(trainer, pl_module, plot_wh),
-                                            trainer.is_global_zero)
             heads = find_heads(pl_module, self.head)
+            update = outcome_from_rank_zero(trainer.strategy, lambda: self._check(trainer, pl_module, heads, plot_wh),
+                                            trainer.is_global_zero)
             if update.replaced:
                 write_on_every_rank(trainer.strategy, lambda: write_heads(heads, update.anchors_after),
                                     lambda: write_heads(heads, update.anchors_before))
@@ -215,9 +215,8 @@ class AutoAnchor(Callback):
             self._write_back(trainer, find_heads(pl_module, self.head))
 
     # ----------------------------------------------------------------- steps
-    def _check(self, trainer: Any, pl_module: nn.Module, plot_wh: list[Tensor]) -> Update:
+    def _check(self, trainer: Any, pl_module: nn.Module, heads: Heads, plot_wh: list[Tensor]) -> Update:
         """Rank 0: read the boxes, score the primary head's anchors, fit new ones if they fit badly."""
-        heads = find_heads(pl_module, self.head)
         if heads.unwritten:
             self._warn(f"AutoAnchor: {heads.unwritten} look like detection heads too but are not written; name "
                        f"every copy in AutoAnchor(head=[...]) to keep them in step (writing {heads.names}).")
@@ -247,9 +246,12 @@ class AutoAnchor(Callback):
     def _check_grid(self, trainer: Any, heads: Heads, plot_wh: list[Tensor]) -> GridUpdate:
         """Rank 0, for a head matching by IoU on its grid: the boxes placed as the model places them, the
         generator's arguments scored by placed recall at the matcher's threshold and re-fitted if under
-        ``bpr_threshold`` (the model's resize and threshold, unless the settings give their own)."""
+        ``bpr_threshold`` (the model's resize and threshold, unless the settings give their own; a custom
+        head is resized as ``img_size`` and ``resize`` say)."""
         adapter: Any = heads.primary
         settings = self.settings
+        if isinstance(adapter, GridAnchorHead):
+            adapter.train_at(training_img_size(trainer, settings.img_size, self._warn), settings.resize)
         boxes = training_boxes(trainer, self._annotations_reader())
         placed = place_boxes(boxes, adapter.detector_resize(settings.min_size, settings.max_size), adapter.layout,
                              adapter.settings.center_offset)

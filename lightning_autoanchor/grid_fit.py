@@ -1,6 +1,6 @@
 """Fit anchors in a torchvision detector's own structure, maximising the placed recall.
 
-Two structures are fitted, each keeping the number of anchors per location of every level (the head's
+Three structures are fitted, each keeping the number of anchors per location of every level (the head's
 convolutions are built for it) and the slot order:
 
 torchvision's ``AnchorGenerator(sizes, aspect_ratios)``
@@ -16,24 +16,27 @@ SSD's ``DefaultBoxGenerator(aspect_ratios, scales=...)``
     ``a``, the boxes ``(s_k sqrt(a), s_k / sqrt(a))`` and ``(s_k / sqrt(a), s_k sqrt(a))``, relative to the
     fixed input size and clipped to 1. Fitted: the ``L + 1`` scales and the aspect ratio values of every
     level (kept ``>= 1``, as the slot order ``(w, h), (h, w)`` reads them).
+Free anchors (:class:`FreeAnchors`, a custom head declaring anchors on a grid)
+    level ``l`` has ``A_l`` anchors of any width and height (pixels), generated as they are. Fitted: the
+    width and height of every anchor (rounded to 0.01 px, float32).
 
 Scores are exact for what the generator really produces (:mod:`lightning_autoanchor.placed`): fitted
 values are rounded (sizes to 0.01 px, ratios and SSD scales to 1e-4) before they are scored, and the
 rounded values are the result, so pasting them into the model's constructor gives the scored anchors.
 
-**Search.** A pattern search in log space over the parameters, with moves of one parameter and of a
-whole level's sizes (or all SSD scales) together: a move scores ``_SPAN`` steps on either side in one
-batch and takes the best, compared by placed recall at the threshold, then mean best IoU; each move
-keeps its own step, halved when the move does not help, until every step is below 1 %. It is
-incremental: the IoUs of every box with every current cell anchor are cached, and a move re-scores
-only the anchors it changes, only on the boxes it could change (an upper bound of the candidates' IoUs
-against the best of the unchanged anchors), so a move on RetinaNet's COCO boxes costs about 2 ms.
-The recall is a step function with many local maxima, so the search climbs from the start, and along
-a path of lower thresholds (``thr - 0.1``, ``thr - 0.05``, then ``thr``: smoother, wider coverage first),
-and then ``restarts`` times from a random kick of the best so far (basin hopping; a private
-:class:`torch.Generator` seeded with ``seed``); it keeps the best. For box sets over
-``max_search_rows`` rows, the search runs on a seeded subsample; the start and the result are scored
-exactly on every box, and the start is kept unless the result beats it there.
+**Search.** A pattern search in log space over the parameters, with moves of one parameter and of a whole
+level's sizes (or all SSD scales; free anchors: both sides of one anchor, all anchors of a level) together:
+a move scores ``_SPAN`` steps on either side in one batch and takes the best, compared by placed recall at
+the threshold, then mean best IoU; each move keeps its own step, halved when the move does not help, until
+every step is below 1 %. It is incremental: the IoUs of every box with every current cell anchor are cached,
+and a move re-scores only the anchors it changes, only on the boxes it could change (an upper bound of the
+candidates' IoUs against the best of the unchanged anchors), so a move on RetinaNet's COCO boxes costs about
+2 ms. The recall is a step function with many local maxima, so the search climbs from the start, and along a
+path of lower thresholds (``thr - 0.1``, ``thr - 0.05``, then ``thr``: smoother, wider coverage first), and
+then ``restarts`` times from a random kick of the best so far (basin hopping; a private
+:class:`torch.Generator` seeded with ``seed``); it keeps the best. For box sets over ``max_search_rows``
+rows, the search runs on a seeded subsample; the start and the result are scored exactly on every box, and
+the start is kept unless the result beats it there.
 
 Hand-written rather than ``scipy.optimize.differential_evolution``: one exact placed score of
 RetinaNet's 45 cell anchors on COCO val's 36k boxes costs about 11 ms, and a differential evolution
@@ -59,11 +62,13 @@ from lightning_autoanchor.placed import PlacedBoxes, PlacedScores, check_iou_thr
 
 __all__ = [
     "DefaultBoxes",
+    "FreeAnchors",
     "GeneratorAnchors",
     "GridFitResult",
     "default_box_cell_anchors",
     "fit_anchor_generator",
     "fit_default_boxes",
+    "fit_free_anchors",
     "generator_cell_anchors",
 ]
 
@@ -209,6 +214,52 @@ class DefaultBoxes:
 
 
 @dataclass(frozen=True)
+class FreeAnchors:
+    """Free cell anchors of a custom head: per level ``A_l`` ``(width, height)`` pairs in pixels.
+
+    Values are kept as float32 numbers (what a head's anchor tensor holds), so the anchors read back from a
+    float32 head equal the ones written.
+    """
+
+    wh: tuple[tuple[tuple[float, float], ...], ...]
+
+    def __post_init__(self) -> None:
+        try:
+            levels = tuple(tuple((_f32(w), _f32(h)) for w, h in level) for level in self.wh)
+        except (TypeError, ValueError):
+            raise ConfigError(f"free anchors must be, per level, (width, height) pairs of pixels, got {self.wh!r}") \
+                from None
+        object.__setattr__(self, "wh", levels)
+        if not levels or not all(levels) or not all(math.isfinite(v) and v > 0 for level in levels
+                                                    for pair in level for v in pair):
+            raise ConfigError(f"free anchors need every level to hold positive, finite (width, height) pairs, got "
+                              f"{self.wh}")
+
+    @classmethod
+    def of(cls, anchors: Tensor) -> FreeAnchors:
+        """From a ``(levels, per_level, 2)`` tensor of widths and heights in pixels."""
+        if anchors.ndim != 3 or anchors.shape[-1] != 2:
+            raise ConfigError(f"free anchors must be a (levels, per_level, 2) tensor, got shape {tuple(anchors.shape)}")
+        return cls(anchors.detach().to(torch.float32).cpu().tolist())
+
+    def num_anchors_per_location(self) -> list[int]:
+        return [len(level) for level in self.wh]
+
+    def cell_anchors(self) -> list[Tensor]:
+        """Per level ``(A_l, 2)`` float32 widths and heights (pixels), as they are."""
+        return [torch.tensor(level, dtype=torch.float32) for level in self.wh]
+
+    def as_dict(self) -> dict[str, object]:
+        """Each value as the shortest decimal that reads back as the same float32 (``10.76``, not
+        ``10.760000228881836``)."""
+        return {"wh": [[[float(str(np.float32(v))) for v in pair] for pair in level] for level in self.wh]}
+
+
+def _f32(value: float) -> float:
+    return float(np.float32(float(value)))
+
+
+@dataclass(frozen=True)
 class GridFitResult:
     """Anchors fitted in a detector's structure, with exact placed scores on every box.
 
@@ -221,7 +272,7 @@ class GridFitResult:
         seconds: wall time of the fit.
     """
 
-    anchors: GeneratorAnchors | DefaultBoxes
+    anchors: GeneratorAnchors | DefaultBoxes | FreeAnchors
     scores: PlacedScores
     start: PlacedScores
     n_search_rows: int
@@ -376,6 +427,40 @@ class _DefaultBoxStructure:
                             image_size=self.start.image_size, clip=self.start.clip)
 
 
+class _FreeStructure:
+    """Free anchors: per anchor its log width and log height, in level order."""
+
+    def __init__(self, start: FreeAnchors):
+        self.counts = start.num_anchors_per_location()
+        self.first = np.cumsum([0, *self.counts])[:-1]  # index of each level's first anchor
+        self.theta0 = np.log(np.array([v for level in start.wh for pair in level for v in pair], dtype=np.float64))
+        self.bounds = (np.full_like(self.theta0, math.log(_MIN_SIZE)), np.full_like(self.theta0, math.log(_MAX_SIZE)))
+        eye = np.eye(len(self.theta0))
+        self.moves = []
+        for level, count in enumerate(self.counts):
+            for a in range(count):
+                ix = 2 * (self.first[level] + a)
+                col = {level: torch.tensor([a])}
+                self.moves += [_Move.of(eye[ix], col, self.counts), _Move.of(eye[ix + 1], col, self.counts),
+                               _Move.of(eye[ix] + eye[ix + 1], col, self.counts)]
+            if count > 1:
+                ix = 2 * self.first[level]
+                self.moves.append(_Move.of(eye[ix:ix + 2 * count].sum(0), {level: torch.arange(count)}, self.counts))
+
+    def anchors(self, theta: np.ndarray, levels: Iterable[int] | None = None) -> dict[int, Tensor]:
+        """``{level: (C, A_l, 2)}`` cell anchors of ``(C, P)`` log parameters, for ``levels`` (default all)."""
+        wh = torch.from_numpy(np.round(np.exp(theta), 2)).to(torch.float32).view(len(theta), -1, 2)
+        return {level: wh[:, self.first[level]:self.first[level] + self.counts[level]]
+                for level in (range(len(self.counts)) if levels is None else levels)}
+
+    def result(self, theta: np.ndarray) -> FreeAnchors:
+        wh = self.anchors(theta[None])
+        return FreeAnchors([wh[level][0].tolist() for level in range(len(self.counts))])
+
+
+_Structure = _GeneratorStructure | _DefaultBoxStructure | _FreeStructure
+
+
 # ------------------------------------------------------------------------------------------------------
 # Incremental scoring and the search
 # ------------------------------------------------------------------------------------------------------
@@ -483,7 +568,7 @@ class _Scorer:
         return float(self.weight @ (best >= self.thr).to(torch.float64)), float(self.weight @ best)
 
 
-def _climb(scorer: _Scorer, structure: _GeneratorStructure | _DefaultBoxStructure, theta: np.ndarray,
+def _climb(scorer: _Scorer, structure: _Structure, theta: np.ndarray,
            step: float) -> np.ndarray:
     """Pattern search from ``theta`` (``scorer`` holds its anchors), with a step per move.
 
@@ -513,7 +598,7 @@ def _climb(scorer: _Scorer, structure: _GeneratorStructure | _DefaultBoxStructur
     return theta
 
 
-def _search(placed: PlacedBoxes, structure: _GeneratorStructure | _DefaultBoxStructure, thr: float,
+def _search(placed: PlacedBoxes, structure: _Structure, thr: float,
             restarts: int, generator: torch.Generator) -> np.ndarray:
     """Climb from the start, and along lower thresholds up to ``thr``; then ``restarts`` times from a random
     kick of the best so far (basin hopping). Returns the best parameters found."""
@@ -539,8 +624,8 @@ def _search(placed: PlacedBoxes, structure: _GeneratorStructure | _DefaultBoxStr
     return best_theta
 
 
-def _fit(placed: PlacedBoxes, structures: Sequence[_GeneratorStructure | _DefaultBoxStructure],
-         start: GeneratorAnchors | DefaultBoxes, thr: float, seed: int, restarts: int,
+def _fit(placed: PlacedBoxes, structures: Sequence[_Structure],
+         start: GeneratorAnchors | DefaultBoxes | FreeAnchors, thr: float, seed: int, restarts: int,
          max_search_rows: int) -> GridFitResult:
     """Search from each structure's start (same seed), score each result on every row, keep the best unless
     ``start`` scores at least as well."""
@@ -628,3 +713,14 @@ def fit_default_boxes(placed: PlacedBoxes, start: DefaultBoxes, thr: float, *, s
     :func:`fit_anchor_generator`; ``placed`` must be placed on SSD's grids (centre offset 0.5, strides = steps).
     """
     return _fit(placed, [_DefaultBoxStructure(start)], start, thr, seed, restarts, max_search_rows)
+
+
+def fit_free_anchors(placed: PlacedBoxes, start: FreeAnchors, thr: float, *, seed: int = 0,
+                     restarts: int = RESTARTS, max_search_rows: int = MAX_SEARCH_ROWS) -> GridFitResult:
+    """Fit the width and height of every free anchor (a custom head declaring anchors on a grid) to placed boxes.
+
+    Keeps the number of anchors of every level and their level; maximises the placed recall at ``thr``
+    (ties: mean best IoU), starting from ``start``. Arguments as :func:`fit_anchor_generator`; ``placed``
+    must be placed on the head's grids (its strides and centre offset).
+    """
+    return _fit(placed, [_FreeStructure(start)], start, thr, seed, restarts, max_search_rows)

@@ -8,22 +8,35 @@ with a buffer ``anchors`` of shape ``(levels, anchors_per_level, 2)`` in *stride
 tensor ``stride`` of shape ``(levels,)`` in pixels. Any other head plugs in by implementing
 :class:`AnchorHead` on the module itself, or by a method ``autoanchor_heads()`` on the
 LightningModule that returns adapters (the first is read, all are written).
+
+A head that matches boxes to anchors by IoU with its anchors laid on each level's grid (like
+torchvision's RetinaNet) says so with an attribute ``iou_threshold`` (the matcher's foreground IoU) and,
+optionally, ``anchor_offset`` (the first anchor centre as a fraction of the stride: 0, the default, as
+torchvision's ``AnchorGenerator``; 0.5 as SSD). :func:`find_heads` wraps it in a :class:`GridAnchorHead`:
+its anchors are then scored by the placed recall (:mod:`lightning_autoanchor.placed`) on the grids its
+strides declare and fitted as free anchors (:class:`~lightning_autoanchor.grid_fit.FreeAnchors`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_autoanchor.errors import HeadError
+from lightning_autoanchor.detector_resize import DetectorResize
+from lightning_autoanchor.errors import ConfigError, HeadError
+from lightning_autoanchor.grid_fit import FreeAnchors
+from lightning_autoanchor.placed import check_iou_threshold
 
 __all__ = [
     "READBACK_RTOL",
     "AnchorHead",
+    "GridAnchorHead",
+    "GridHeadSettings",
     "Heads",
     "YoloAnchors",
     "anchors_match",
@@ -46,6 +59,18 @@ class AnchorHead(Protocol):
 
     Attributes:
         strides: ``(levels,)`` pixels of input per cell of each level's feature map.
+
+    A head that matches boxes to anchors by IoU, its anchors laid at every point of each level's grid,
+    declares it with two more attributes (read by :class:`GridAnchorHead`):
+
+    - ``iou_threshold: float``: the matcher's foreground IoU (a box is a target of an anchor at
+      ``IoU >= iou_threshold``);
+    - ``anchor_offset: float`` (optional, default 0): anchor centres sit at ``(i + anchor_offset) * stride``
+      along each axis for cell ``i``: 0 as torchvision's ``AnchorGenerator``, 0.5 as SSD's.
+
+    Its grid is ``ceil(input side / stride)`` cells per axis; the input is the image resized as the
+    callback's ``img_size`` and ``resize`` say, at the top-left corner, padded to a multiple of the largest
+    stride. It is then scored by the placed recall at ``iou_threshold`` and fitted as free anchors.
     """
 
     strides: Tensor
@@ -110,8 +135,139 @@ def implements_protocol(module: object) -> bool:
 
 
 def as_adapter(module: nn.Module) -> AnchorHead:
-    """The module itself when it implements :class:`AnchorHead`, else a :class:`YoloAnchors` for it."""
-    return module if implements_protocol(module) else YoloAnchors(module)  # type: ignore[return-value]
+    """A :class:`GridAnchorHead` for a head implementing :class:`AnchorHead` that declares ``iou_threshold``,
+    the module itself for another one, else a :class:`YoloAnchors` for it."""
+    if implements_protocol(module):
+        return GridAnchorHead(module) if hasattr(module, "iou_threshold") else module  # type: ignore[return-value]
+    return YoloAnchors(module)
+
+
+@dataclass(frozen=True)
+class GridHeadSettings:
+    """What a custom grid head (:class:`GridAnchorHead`) does with boxes, in the terms of
+    :class:`~lightning_autoanchor.torchvision_heads.TorchvisionSettings` (the resize fields are ``None`` until
+    :meth:`GridAnchorHead.train_at` sets the training size)."""
+
+    iou_threshold: float
+    center_offset: float
+    min_size: tuple[float, ...] | None = None
+    max_size: float | None = None
+    size_divisible: int | None = None
+    fixed_size: tuple[int, int] | None = None
+    family: str = "custom"
+
+
+class GridAnchorHead:
+    """A custom :class:`AnchorHead` that declares IoU matching on its grid (``iou_threshold``, ``anchor_offset``;
+    see :class:`AnchorHead`), speaking what the callback needs of a grid head: :meth:`structure` /
+    :meth:`write` (free anchors), :meth:`layout`, :meth:`detector_resize`, :attr:`settings`,
+    :meth:`constructor_args`.
+
+    The resize: ``"letterbox"`` at ``img_size`` ``S`` scales an image by ``min(S / shorter, S / longer) =
+    S / longer``, exactly torchvision's rule with ``min_size=(S,)``, ``max_size=S``; ``"stretch"`` to ``S`` or
+    ``(W, H)`` is torchvision's ``fixed_size``. Either way the image sits at the input's top-left corner and
+    is padded to a multiple of the largest stride (torchvision's ``size_divisible``). A non-square ``(W, H)``
+    letterbox scales by ``min(W / w, H / h)``, which torchvision's rule matches only for images shaped like
+    ``(W, H)``: it is refused (a :class:`ConfigError`) rather than measured wrongly for the others.
+    """
+
+    def __init__(self, module: Any):
+        self.module = module
+        where = type(module).__name__
+        try:
+            thr = check_iou_threshold(module.iou_threshold)
+        except ConfigError as err:
+            raise HeadError(f"{where}.iou_threshold: {err}") from None
+        offset = getattr(module, "anchor_offset", 0.0)
+        if not (isinstance(offset, int | float) and 0.0 <= float(offset) < 1.0):
+            raise HeadError(f"{where}.anchor_offset must be the first anchor centre as a fraction of the stride, "
+                            f"in [0, 1) (0 as torchvision's AnchorGenerator, 0.5 as SSD), got {offset!r}")
+        strides = self.strides
+        if strides.ndim != 1 or not len(strides) or not bool((strides > 0).all()) or not bool(strides.isfinite().all()):
+            raise HeadError(f"{where}.strides must be a (levels,) tensor of positive pixels, got {strides.tolist()}")
+        self._settings = GridHeadSettings(iou_threshold=thr, center_offset=float(offset))
+
+    @property
+    def strides(self) -> Tensor:
+        return torch.as_tensor(self.module.strides).detach().reshape(-1).to(torch.float32).cpu()
+
+    def read_anchors(self) -> Tensor:
+        return self.module.read_anchors()
+
+    @property
+    def settings(self) -> GridHeadSettings:
+        return self._settings
+
+    def train_at(self, img_size: float | tuple[float, float], resize: str) -> None:
+        """Set the training size: ``img_size`` (pixels, or ``(W, H)``) and ``resize`` (``"letterbox"`` or
+        ``"stretch"``), the callback's settings; :meth:`detector_resize` and :attr:`settings` follow them."""
+        largest = float(self.strides.max())
+        if not largest.is_integer():
+            raise ConfigError(f"{type(self.module).__name__}: the largest stride {largest:g} must be a whole number "
+                              "of pixels (the input is padded to a multiple of it)")
+        w, h = img_size if isinstance(img_size, tuple | list) else (img_size, img_size)
+        size = {"size_divisible": int(largest)}
+        if resize == "stretch":
+            if not (float(w).is_integer() and float(h).is_integer()):
+                raise ConfigError(f"img_size {img_size} must be whole pixels to stretch images to it")
+            size.update(min_size=(w,), max_size=max(w, h), fixed_size=(int(w), int(h)))
+        elif w != h:
+            raise ConfigError(f"a grid head measures where anchors land, so the resize must be exact: letterbox to "
+                              f"a non-square img_size {img_size} scales by min(W / w, H / h), which depends on each "
+                              "image's orientation; use a square img_size or resize='stretch'")
+        else:
+            size.update(min_size=(_whole(w),), max_size=_whole(w))
+        self._settings = replace(self._settings, **size)
+
+    def detector_resize(self, min_size: Sequence[int] | None = None, max_size: int | None = None) -> DetectorResize:
+        """The resize set by :meth:`train_at`, as the engine's type; ``min_size`` / ``max_size`` replace its
+        torchvision-rule targets (not a stretch's fixed size)."""
+        s = self._settings
+        if s.min_size is None or s.max_size is None or s.size_divisible is None:
+            raise ConfigError(f"{type(self.module).__name__}: the training size is not set (train_at)")
+        return DetectorResize(min_size=tuple(min_size) if min_size is not None else s.min_size,
+                              max_size=max_size if max_size is not None else s.max_size,
+                              size_divisible=s.size_divisible, fixed_size=s.fixed_size)
+
+    def layout(self, padded_wh: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each level's grid and strides for ``(P, 2)`` padded input sizes (pixels): ``(P, L, 2)`` int64 cells
+        (``ceil(side / stride)``) and ``(P, L, 2)`` float64 strides (as declared) along w and h."""
+        wh = np.asarray(padded_wh, dtype=np.float64).reshape(-1, 1, 2)
+        strides = self.strides.to(torch.float64).numpy()[None, :, None]
+        grids = np.ceil(wh / strides).astype(np.int64)
+        return grids, np.broadcast_to(strides, grids.shape).copy()
+
+    def structure(self) -> FreeAnchors:
+        """The head's anchors as free anchors (per level ``(w, h)`` pixels)."""
+        return FreeAnchors.of(self.module.read_anchors())
+
+    def write(self, structure: Any) -> None:
+        """Write free anchors with ``write_anchors`` and read them back; :class:`HeadError` if they differ (beyond
+        :data:`READBACK_RTOL`) or their counts per level are not the head's."""
+        where = type(self.module).__name__
+        if not isinstance(structure, FreeAnchors):
+            raise HeadError(f"{where}: a custom grid head takes free anchors, not {structure!r}")
+        if structure.num_anchors_per_location() != self.structure().num_anchors_per_location():
+            raise HeadError(f"{where}: has {self.structure().num_anchors_per_location()} anchors per level, cannot "
+                            f"take {structure.num_anchors_per_location()}")
+        anchors = torch.stack(structure.cell_anchors())
+        self.module.write_anchors(anchors)
+        back = self.module.read_anchors()
+        if not anchors_match(back, anchors):
+            raise HeadError(f"{where}: anchors read back after the write differ from those written "
+                            f"({back.reshape(-1, 2).tolist()} instead of {anchors.reshape(-1, 2).tolist()})")
+
+    def constructor_args(self) -> dict[str, Any]:
+        """``class_path``, ``init_args`` (``anchors``: per level flat ``w, h`` pixels) and ``python`` text."""
+        cls = type(self.module)
+        anchors = [[round(float(v), 4) for v in level.reshape(-1)] for level in self.module.read_anchors()]
+        anchors = [[int(v) if v.is_integer() else v for v in level] for level in anchors]
+        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": {"anchors": anchors},
+                "python": f"{cls.__name__}(anchors={anchors})"}
+
+
+def _whole(value: float) -> float:
+    return int(value) if float(value).is_integer() else float(value)
 
 
 @dataclass
@@ -133,8 +289,9 @@ class Heads:
 
     @property
     def on_grid(self) -> bool:
-        """Whether these heads place their anchors on a grid and match by IoU (torchvision's generators, whose
-        adapters give ``structure()`` and ``write(structure)``): they are fitted by placed recall."""
+        """Whether these heads place their anchors on a grid and match by IoU (torchvision's generators, custom
+        heads declaring ``iou_threshold``: adapters giving ``structure()`` and ``write(structure)``): they are
+        fitted by placed recall."""
         return callable(getattr(self.primary, "structure", None))
 
     def modules(self) -> list[nn.Module]:
@@ -239,7 +396,7 @@ def find_heads(model: nn.Module, names: str | Sequence[str] | None = None) -> He
                 raise HeadError(f"head {name!r}: {err}") from None
         if _kinds(adapters) != 1:
             raise HeadError(f"heads {list(names)} keep their anchors in different ways (a torchvision anchor "
-                            "generator and another head): name heads of one kind")
+                            "generator, a head declaring iou_threshold, another head): name heads of one kind")
         unwritten = [n for n in copies if n not in names]
         if callable(getattr(adapters[0], "read_anchors", None)):
             primary = adapters[0].read_anchors()
@@ -256,7 +413,11 @@ def find_heads(model: nn.Module, names: str | Sequence[str] | None = None) -> He
             if not implements_protocol(adapter) and not (isinstance(adapter, nn.Module) and is_yolo_head(adapter)):
                 raise HeadError(f"{type(model).__name__}.autoanchor_heads()[{i}] is a {type(adapter).__name__}, "
                                 "not a head: it needs read_anchors(), write_anchors() and strides (see AnchorHead)")
-        return Heads([as_adapter(a) for a in found], [f"autoanchor_heads()[{i}]" for i in range(len(found))])
+        adapters = [as_adapter(a) for a in found]
+        if _kinds(adapters) != 1:
+            raise HeadError(f"{type(model).__name__}.autoanchor_heads() returns heads that match in different ways "
+                            "(some declare iou_threshold, some do not): return heads of one kind")
+        return Heads(adapters, [f"autoanchor_heads()[{i}]" for i in range(len(found))])
     if len(own) != 1:
         how = ("set AutoAnchor(head=...) to the module path(s) of the detection head(s), e.g. head='model.head' "
                "(a list writes the same anchors to several), or define autoanchor_heads() on the LightningModule")
@@ -272,10 +433,10 @@ def find_heads(model: nn.Module, names: str | Sequence[str] | None = None) -> He
 
 
 def _kinds(adapters: Sequence[Any]) -> int:
-    """How many kinds of head are among ``adapters``: torchvision generators or the others."""
+    """How many kinds of head are among ``adapters``: torchvision generators, custom grid heads or the others."""
     from lightning_autoanchor.torchvision_heads import TorchvisionAnchors
 
-    return len({isinstance(a, TorchvisionAnchors) for a in adapters})
+    return len({(isinstance(a, TorchvisionAnchors), isinstance(a, GridAnchorHead)) for a in adapters})
 
 
 def write_structure_all(heads: Heads, structure: Any) -> None:

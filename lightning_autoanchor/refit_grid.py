@@ -15,7 +15,14 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from lightning_autoanchor.grid_fit import DefaultBoxes, GeneratorAnchors, fit_anchor_generator, fit_default_boxes
+from lightning_autoanchor.grid_fit import (
+    DefaultBoxes,
+    FreeAnchors,
+    GeneratorAnchors,
+    fit_anchor_generator,
+    fit_default_boxes,
+    fit_free_anchors,
+)
 from lightning_autoanchor.placed import PlacedBoxes, PlacedScores
 from lightning_autoanchor.refit import AnchorUpdate
 
@@ -26,21 +33,22 @@ _REFACTOR_MAX = 3
 sizes x ratios (COCO val2017, Faster R-CNN's RPN at IoU 0.7: placed recall 0.4266 with 1 size x 3 ratios kept,
 0.4826 with 3 sizes x 1 ratio; ``benchmarks/bench_torchvision.py``)."""
 
-GridAnchors = GeneratorAnchors | DefaultBoxes
+GridAnchors = GeneratorAnchors | DefaultBoxes | FreeAnchors
 """The arguments of a grid head's anchor generator: torchvision's ``AnchorGenerator`` or SSD's
-``DefaultBoxGenerator``."""
+``DefaultBoxGenerator``, or a custom head's free anchors."""
+
+_KINDS: dict[str, type] = {"anchor_generator": GeneratorAnchors, "default_boxes": DefaultBoxes, "free": FreeAnchors}
 
 
 def structure_from_dict(data: dict[str, Any]) -> GridAnchors:
-    """The generator arguments of :meth:`GeneratorAnchors.as_dict` / :meth:`DefaultBoxes.as_dict` (with ``kind``)."""
+    """The generator arguments of :meth:`GeneratorAnchors.as_dict`, :meth:`DefaultBoxes.as_dict` or
+    :meth:`FreeAnchors.as_dict` (with ``kind``; none: ``"anchor_generator"``)."""
     fields = {k: v for k, v in data.items() if k != "kind"}
-    if data.get("kind") == "default_boxes":
-        return DefaultBoxes(**fields)
-    return GeneratorAnchors(**fields)
+    return _KINDS[data.get("kind", "anchor_generator")](**fields)
 
 
 def _as_dict(structure: GridAnchors) -> dict[str, Any]:
-    kind = "default_boxes" if isinstance(structure, DefaultBoxes) else "anchor_generator"
+    kind = next(name for name, cls in _KINDS.items() if isinstance(structure, cls))
     out = {"kind": kind, **structure.as_dict()}
     if isinstance(structure, DefaultBoxes):
         out["image_size"] = list(structure.image_size)
@@ -119,7 +127,8 @@ def refit_grid_anchors(structure: GridAnchors, placed: PlacedBoxes, thr: float, 
                        seed: int = 0, shared_ratios: bool = False, always_fit: bool = False, n_images: int = 0,
                        source: str = "") -> GridUpdate:
     """Score ``structure``'s anchors on ``placed`` boxes; if the placed recall at ``thr`` is under
-    ``bpr_threshold``, fit the generator's arguments anew, keeping the count of anchors per location.
+    ``bpr_threshold``, fit the generator's arguments (or free anchors) anew, keeping the count of anchors per
+    location.
 
     Args:
         structure: the generator's current arguments.
@@ -138,6 +147,8 @@ def refit_grid_anchors(structure: GridAnchors, placed: PlacedBoxes, thr: float, 
     if always_fit or before.recall < bpr_threshold:
         if isinstance(structure, DefaultBoxes):
             result = fit_default_boxes(placed, structure, thr, seed=seed)
+        elif isinstance(structure, FreeAnchors):
+            result = fit_free_anchors(placed, structure, thr, seed=seed)
         else:
             # few anchors per location (Faster R-CNN's RPN: 3): also try the other splits into sizes x ratios
             # (3 sizes x 1 ratio), which keep the count and the slot order; more would cost a fit each

@@ -115,9 +115,13 @@ def training_boxes(trainer: Any, read_annotations: Callable[[], BoxSet] | None =
                     "'shapes' and 'labels' attributes. Add one of these (see the README).")
 
 
-def training_img_size(trainer: Any, configured: float | None, warn: Callable[[str], Any]) -> float:
+def training_img_size(trainer: Any, configured: float | tuple[float, float] | None,
+                      warn: Callable[[str], Any]) -> float | tuple[float, float]:
     """The training image size: ``configured`` (the callback's setting), else the datamodule's
-    ``img_size`` attribute; ``warn`` is told when both are given and differ."""
+    ``img_size`` attribute; ``warn`` is told when both are given and differ. A configured ``(width, height)``
+    pair is returned as it is."""
+    if isinstance(configured, tuple):
+        return configured
     declared = getattr(trainer.datamodule, "img_size", None)
     if isinstance(declared, bool) or not isinstance(declared, int | float):
         declared = None
