@@ -33,6 +33,18 @@ from lightning_autoanchor.settings import Resize
 if TYPE_CHECKING:
     from torch import Tensor
 
+__all__ = [
+    "MIN_FIT_SIZE",
+    "SMALL_BOX_SIZE",
+    "BoxSet",
+    "ImgSize",
+    "SmallBoxes",
+    "describe_img_size",
+    "fit_mask",
+    "log_bins",
+    "training_size",
+]
+
 ImgSize = float | tuple[float, float]
 """A square training size in pixels, or a training size ``(width, height)``."""
 

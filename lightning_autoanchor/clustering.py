@@ -26,6 +26,8 @@ from torch import Tensor
 from lightning_autoanchor.errors import AnchorFitError
 from lightning_autoanchor.metrics import wh_iou
 
+__all__ = ["KMeansInit", "initial_anchors", "kmeans_iou", "kmeans_log", "kmeans_whitened"]
+
 KMeansInit = Literal["log", "iou", "euclidean"]
 
 

@@ -5,6 +5,7 @@ Every error says which file, image, box, module or value is at fault and what to
 
 from __future__ import annotations
 
+__all__ = ["AnchorFitError", "AutoAnchorError", "ConfigError", "DataError", "HeadError"]
 
 class AutoAnchorError(Exception):
     """Base class of every error this library raises on purpose."""

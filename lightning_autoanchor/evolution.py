@@ -28,7 +28,7 @@ from lightning_autoanchor.settings import Metric
 if TYPE_CHECKING:
     from lightning_autoanchor.levels import SizeFloor
 
-
+__all__ = ["LogSpaceFitness", "evolve", "refine"]
 
 def _ratio_quality(du: Tensor, dv: Tensor) -> Tensor:
     return torch.exp(-torch.maximum(du.abs(), dv.abs()))

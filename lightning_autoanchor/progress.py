@@ -9,6 +9,8 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
+__all__ = ["progress_bar"]
+
 T = TypeVar("T")
 
 

@@ -21,6 +21,15 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_autoanchor.boxes import BoxSet
 from lightning_autoanchor.errors import DataError
 
+__all__ = [
+    "DEFAULT_ANNOTATIONS",
+    "PAD_VALUE",
+    "Annotations",
+    "RenderedBoxesDataModule",
+    "RenderedBoxesDataset",
+    "collate",
+]
+
 DEFAULT_ANNOTATIONS = Path(__file__).with_name("coco_val2017_sample.json.gz")
 """The shipped slice of COCO val2017 boxes (see DATA_LICENSE.md)."""
 

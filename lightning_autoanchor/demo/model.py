@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+__all__ = ["DEFAULT_ANCHORS", "DEFAULT_STRIDES", "TinyYolo", "YoloHead", "YoloLoss"]
+
 DEFAULT_ANCHORS: tuple[tuple[float, ...], ...] = (
     (10, 13, 16, 30, 33, 23),  # P3/8
     (30, 61, 62, 45, 59, 119),  # P4/16

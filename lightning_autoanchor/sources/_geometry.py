@@ -6,6 +6,7 @@ import numpy as np
 
 from lightning_autoanchor.sources._log import ReadLog
 
+__all__ = ["box_centres", "clip_to_image"]
 
 def clip_to_image(boxes: np.ndarray, sizes: np.ndarray, index: np.ndarray, log: ReadLog,
                   names: list[str] | tuple[str, ...]) -> np.ndarray:

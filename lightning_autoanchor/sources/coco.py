@@ -27,6 +27,8 @@ from lightning_autoanchor.sources._geometry import box_centres, clip_to_image
 from lightning_autoanchor.sources._json_stream import Elements, stream_arrays
 from lightning_autoanchor.sources._log import ReadLog
 
+__all__ = ["read_coco"]
+
 Id = int | str
 
 

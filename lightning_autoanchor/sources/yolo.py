@@ -30,6 +30,8 @@ from lightning_autoanchor.sources._geometry import box_centres, clip_to_image
 from lightning_autoanchor.sources._log import ReadLog
 from lightning_autoanchor.sources._workers import map_files
 
+__all__ = ["CACHE_VERSION", "IMAGE_SUFFIXES", "label_path", "read_yolo"]
+
 IMAGE_SUFFIXES = (".bmp", ".dng", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp", ".pfm")
 CACHE_VERSION = 1
 
