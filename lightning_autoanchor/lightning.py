@@ -13,6 +13,5 @@ from lightning_autoanchor import callback
 
 __all__ = ["AutoAnchor"]
 
-
 class AutoAnchor(callback.AutoAnchor, Callback):
     __doc__ = callback.AutoAnchor.__doc__
