@@ -7,6 +7,7 @@ from __future__ import annotations
 
 __all__ = ["AnchorFitError", "AutoAnchorError", "ConfigError", "DataError", "HeadError"]
 
+
 class AutoAnchorError(Exception):
     """Base class of every error this library raises on purpose."""
 

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = ["LogSpaceFitness", "evolve", "refine"]
 
+
 def _ratio_quality(du: Tensor, dv: Tensor) -> Tensor:
     return torch.exp(-torch.maximum(du.abs(), dv.abs()))
 

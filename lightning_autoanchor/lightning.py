@@ -13,5 +13,6 @@ from lightning_autoanchor import callback
 
 __all__ = ["AutoAnchor"]
 
+
 class AutoAnchor(callback.AutoAnchor, Callback):
     __doc__ = callback.AutoAnchor.__doc__

@@ -38,6 +38,7 @@ __all__ = [
     "wh_iou",
 ]
 
+
 def match_cut(metric: Metric = "ratio", thr: float | None = None) -> float:
     """The match-quality threshold in ``[0, 1)`` that ``thr`` means for ``metric``.
 

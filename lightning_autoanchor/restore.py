@@ -24,6 +24,7 @@ from lightning_autoanchor.refit_grid import update_from_dict
 
 __all__ = ["restore_anchors"]
 
+
 def restore_anchors(module: nn.Module, checkpoint: str | os.PathLike[str] | Mapping[str, Any]) -> list[str]:
     """Write the anchors of every ``AutoAnchor`` state in ``checkpoint`` into ``module``; returns the heads written.
 

@@ -10,6 +10,7 @@ from lightning_autoanchor.demo.model import _TinyYolo
 
 __all__ = ["RenderedBoxesDataModule", "TinyYolo"]
 
+
 class TinyYolo(_TinyYolo, L.LightningModule):  # type: ignore[misc]
     __doc__ = _TinyYolo.__doc__
 

@@ -19,6 +19,7 @@ from lightning_autoanchor.sources.yolo import read_yolo
 
 __all__ = ["PROBLEMS", "DataWarning", "load_boxes", "read_coco", "read_voc", "read_yolo"]
 
+
 def _folder_kind(path: Path) -> str | None:
     if (path / "Annotations").is_dir():
         return "voc"

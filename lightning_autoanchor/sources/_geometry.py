@@ -8,6 +8,7 @@ from lightning_autoanchor.sources._log import ReadLog
 
 __all__ = ["box_centres", "clip_to_image"]
 
+
 def clip_to_image(boxes: np.ndarray, sizes: np.ndarray, index: np.ndarray, log: ReadLog,
                   names: list[str] | tuple[str, ...]) -> np.ndarray:
     """Widths and heights of boxes clipped to their image, 0 for boxes entirely outside.

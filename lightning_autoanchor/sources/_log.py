@@ -9,6 +9,7 @@ from lightning_autoanchor.errors import DataError
 
 __all__ = ["PROBLEMS", "DataWarning", "ReadLog"]
 
+
 class DataWarning(UserWarning):
     """Annotations were skipped or changed while reading (the message says how many, where and why)."""
 

@@ -25,6 +25,7 @@ from lightning_autoanchor.errors import ConfigError, DataError
 
 __all__ = ["boxes_from_yolov5_dataset", "boxes_of", "train_dataset", "training_boxes", "training_img_size"]
 
+
 def boxes_from_yolov5_dataset(dataset: Any) -> BoxSet:
     """A :class:`BoxSet` from a dataset with YOLOv5's ``shapes`` and ``labels`` attributes."""
     name = type(dataset).__name__

@@ -24,6 +24,7 @@ from lightning_autoanchor.sources._workers import map_files
 
 __all__ = ["read_voc"]
 
+
 def _xml_files(path: Path, split: str | None) -> tuple[list[str], str | None]:
     annotations = path / "Annotations" if (path / "Annotations").is_dir() else path
     images_dir = annotations.parent / "JPEGImages"
