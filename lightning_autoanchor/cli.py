@@ -62,7 +62,7 @@ def _common(parser: ArgumentParser) -> None:
                                                  "torchvision-ssd"], default="yolo",
                         help="the head: YOLO-style free anchors (default), or a torchvision detector's anchor "
                              "generator, placed on its grid and matched by IoU (--thr is then the IoU)")
-    parser.add_argument("--min-size", type=list[int] | None, default=None,
+    parser.add_argument("--min-size", type=int, nargs="+", default=None,
                         help="torchvision families: shorter-side target(s) of the resize (default: the model's)")
     parser.add_argument("--max-size", type=int | None, default=None,
                         help="torchvision families: longer-side cap of the resize (default: the model's)")

@@ -48,7 +48,7 @@ def run_family(args: Namespace, command: str) -> dict[str, Any]:
                          adapter.settings.center_offset)
     thr = adapter.settings.iou_threshold if settings.iou_threshold is None else settings.iou_threshold
     update = refit_grid_anchors(adapter.structure(), placed, thr, bpr_threshold=settings.bpr_threshold,
-                                seed=settings.seed, always_fit=command == "compute", n_images=boxes.num_images,
+                                seed=settings.seed, fit=command == "compute", n_images=boxes.num_images,
                                 source=str(args.data))
     if update.replaced:
         adapter.write(update.anchors_after)

@@ -124,7 +124,7 @@ class GridUpdate:
 
 
 def refit_grid_anchors(structure: GridAnchors, placed: PlacedBoxes, thr: float, *, bpr_threshold: float = 0.98,
-                       seed: int = 0, shared_ratios: bool = False, always_fit: bool = False, n_images: int = 0,
+                       seed: int = 0, shared_ratios: bool = False, fit: bool | None = None, n_images: int = 0,
                        source: str = "") -> GridUpdate:
     """Score ``structure``'s anchors on ``placed`` boxes; if the placed recall at ``thr`` is under
     ``bpr_threshold``, fit the generator's arguments (or free anchors) anew, keeping the count of anchors per
@@ -138,13 +138,14 @@ def refit_grid_anchors(structure: GridAnchors, placed: PlacedBoxes, thr: float, 
         bpr_threshold: re-fit when the placed recall is under this.
         seed: seed of the fit's private random generator.
         shared_ratios: ``AnchorGenerator`` only: one set of aspect ratios for every level.
-        always_fit: fit whatever the recall (the command line's ``compute``); still kept only if better.
+        fit: ``None``: fit when the recall is under ``bpr_threshold``; ``True``: fit whatever the recall
+            (the command line's ``compute``; still kept only if better); ``False``: only score (``check``).
         n_images, source: the data, for the record.
     """
     started = time.perf_counter()
     before = placed.score(structure.cell_anchors(), thr)
     after_structure, after, candidate = structure, before, None
-    if always_fit or before.recall < bpr_threshold:
+    if fit if fit is not None else before.recall < bpr_threshold:
         if isinstance(structure, DefaultBoxes):
             result = fit_default_boxes(placed, structure, thr, seed=seed)
         elif isinstance(structure, FreeAnchors):

@@ -232,7 +232,9 @@ def grid_report_lines(update: GridUpdate, head_names: Sequence[str], detector: A
 
     lines += ["  current anchors:", *scores(before)]
     if not update.fitted:
-        lines.append(f"  placed recall {before.recall:.4f} >= {update.bpr_threshold}: the anchors fit; kept")
+        lines.append(f"  placed recall {before.recall:.4f} >= {update.bpr_threshold}: the anchors fit; kept"
+                     if before.recall >= update.bpr_threshold else
+                     f"  placed recall {before.recall:.4f} < {update.bpr_threshold}: a re-fit is advised")
         return lines
     candidate = update.candidate
     assert candidate is not None
