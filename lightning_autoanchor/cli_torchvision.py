@@ -63,9 +63,7 @@ def run_family(args: Namespace, command: str) -> dict[str, Any]:
     if not args.json:
         for line in grid_report_lines(update, [adapter.path], adapter.settings):
             print(line)
-        if command == "check":
-            print("the anchors fit" if out["fits"] else f"a re-fit is advised ({args.family} compute fits new ones)")
-        else:
+        if command == "compute":
             print(f"paste: {constructor['python']}")
         if "out" in out:
             print(f"wrote anchors YAML: {out['out']}")
