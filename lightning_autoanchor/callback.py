@@ -84,6 +84,8 @@ class AutoAnchor(Callback):
         strict: refuse bad records in ``annotations`` instead of skipping them with a warning.
         min_stride_ratio: keep every fitted anchor's size ``sqrt(w * h)`` at or above this multiple of
             its level's stride (1.0: no anchor under its stride), inside the fit; ``None``: no limit.
+        scale_aug: the training's scale augmentation (YOLOv5's ``scale``: 0.5 for factors 0.5-1.5): the
+            check, the fit and the keep-if-better rule score the boxes as the network sees them under it.
         min_size, max_size, iou_threshold: for torchvision's detectors (IoU-matching heads whose
             anchors sit on each level's grid): the resize's shorter-side target(s) and longer-side cap,
             and the matcher's foreground IoU, in place of the model's own (read from it by default).
@@ -116,6 +118,7 @@ class AutoAnchor(Callback):
         plot: bool = True,
         strict: bool = False,
         min_stride_ratio: float | None = None,
+        scale_aug: float = 0.0,
         min_size: int | list[int] | None = None,
         max_size: int | None = None,
         iou_threshold: float | None = None,
@@ -124,7 +127,8 @@ class AutoAnchor(Callback):
         self.settings = AnchorSettings(img_size=img_size, bpr_threshold=bpr_threshold, thr=thr, metric=metric,
                                        generations=generations, seed=seed, resize=resize, scale_jitter=scale_jitter,
                                        mutation_prob=mutation_prob, sigma=sigma, min_stride_ratio=min_stride_ratio,
-                                       min_size=min_size, max_size=max_size, iou_threshold=iou_threshold)
+                                       scale_aug=scale_aug, min_size=min_size, max_size=max_size,
+                                       iou_threshold=iou_threshold)
         if on_error not in ("raise", "warn"):
             raise ConfigError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
         paths = [head] if isinstance(head, str) else head

@@ -161,7 +161,8 @@ def refit_anchors(anchors: Tensor, strides: Tensor, boxes: BoxSet, settings: Anc
             count is far from its knee (:func:`~lightning_autoanchor.anchor_count.fit_anchor_counts`).
 
     With ``settings.min_stride_ratio``, the fit keeps each anchor at or above that multiple of the
-    stride of the level it is laid out on.
+    stride of the level it is laid out on. With ``settings.scale_aug``, the check, the fit and the
+    keep-if-better rule all score the boxes under the training's scale augmentation.
 
     Raises:
         HeadError: the anchors are not ``(levels, anchors, 2)``, finite and positive.
@@ -184,7 +185,7 @@ def refit_anchors(anchors: Tensor, strides: Tensor, boxes: BoxSet, settings: Anc
                              f"img_size {describe_img_size(img_size)}")
     before_anchors = anchors.detach().to(torch.float32).cpu()
     flat_before = before_anchors.reshape(-1, 2).to(check_wh.device)
-    before = score_anchors(check_wh, flat_before, settings.thr, settings.metric)
+    before = score_anchors(check_wh, flat_before, settings.thr, settings.metric, scale_aug=settings.scale_aug)
     after_anchors, after, candidate = before_anchors, before, None
     levels, per_level = before_anchors.shape[:2]
     in_stride_order = sorted(strides.tolist())
@@ -192,7 +193,8 @@ def refit_anchors(anchors: Tensor, strides: Tensor, boxes: BoxSet, settings: Anc
     if before.bpr < settings.bpr_threshold:
         result = fit_anchors(fit_wh, len(flat_before), settings, levels=(per_level,) * levels,
                              strides=in_stride_order, progress=progress)
-        candidate = score_anchors(check_wh, result.anchors.to(check_wh.device), settings.thr, settings.metric)
+        candidate = score_anchors(check_wh, result.anchors.to(check_wh.device), settings.thr, settings.metric,
+                                  scale_aug=settings.scale_aug)
         if candidate.bpr > before.bpr:
             after_anchors = assign_to_levels(result.anchors, strides, per_level)
             after = candidate

@@ -674,3 +674,18 @@ def test_the_report_says_when_the_count_is_far_from_the_knee(voc2007: BoxSet) ->
                            generations=0)
     assert update.advice is not None and update.advice.startswith("the head has 15 anchors")
     assert update.advice in "\n".join(report_lines(update, ["head"], 0.98, "letterbox"))
+
+
+def test_scale_aug_is_what_the_check_scores(tmp_path: Path) -> None:
+    from lightning_autoanchor import score_anchors
+    from lightning_autoanchor.optimizer import prepare_boxes
+
+    data, callback = CountingData(), AutoAnchor(img_size=IMG, scale_aug=0.5, scale_jitter=0.0, generations=100)
+    trainer(tmp_path, callback).fit(TinyYolo(width=4), data)
+    update = callback.update
+    assert update is not None and update.replaced
+    wh, _ = prepare_boxes(data.autoanchor_boxes().scaled(IMG))
+    augmented = score_anchors(wh, update.anchors_after.reshape(-1, 2), scale_aug=0.5)
+    nominal = score_anchors(wh, update.anchors_after.reshape(-1, 2))
+    assert update.after.fitness == pytest.approx(augmented.fitness, abs=1e-6)
+    assert nominal.fitness != pytest.approx(augmented.fitness, abs=1e-3)
