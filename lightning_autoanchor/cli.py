@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from lightning_autoanchor.boxes import BoxSet
     from lightning_autoanchor.settings import AnchorSettings
 
-__all__ = ["PROG", "build_parser", "console_main", "main", "parse_anchors"]
+__all__ = ["PROG", "build_parser", "console_main", "main", "parse_anchors", "settings_of"]
 
 PROG = "lightning-autoanchor"
 _INTERRUPTED = b"lightning-autoanchor: interrupted\n"
@@ -181,8 +181,9 @@ def _device(name: str) -> Any:
     return device
 
 
-def _settings(args: Namespace) -> AnchorSettings:
-    """The command's settings, validated as the callback's are (a bad value names its option)."""
+def settings_of(args: Namespace, **fields: Any) -> AnchorSettings:
+    """The command's settings, validated as the callback's are: the options of ``args`` that are
+    settings, with ``fields`` (named as settings) in place of some; a bad value names its option."""
     from lightning_autoanchor.errors import ConfigError
     from lightning_autoanchor.settings import AnchorSettings
 
@@ -190,10 +191,15 @@ def _settings(args: Namespace) -> AnchorSettings:
              "min_stride_ratio", "scale_aug")
     given = {name: args[name] for name in names if name in args and args[name] is not None}
     try:
-        return AnchorSettings(**given)
+        return AnchorSettings(**{**given, **fields})
     except ConfigError as err:
         name = str(err).split(" ", 1)[0]
-        raise ConfigError(f"--{name.replace('_', '-')}{str(err)[len(name):]}") from None
+        option = _OPTIONS.get(name, name).replace("_", "-")
+        raise ConfigError(f"--{option}{str(err)[len(name):]}") from None
+
+
+_OPTIONS = {"iou_threshold": "thr"}
+"""Settings whose command-line option has another name (``--thr`` is the IoU of the torchvision families)."""
 
 
 def _load(args: Namespace, device: Any) -> tuple[BoxSet, Any, int]:
@@ -250,7 +256,7 @@ def run_check(args: Namespace) -> dict[str, Any]:
     from lightning_autoanchor.reporting import describe_scores
 
     args.img_size = _training_size(args)
-    settings = _settings(args)
+    settings = settings_of(args)
     if args.anchors is None:
         from lightning_autoanchor.errors import ConfigError
 
@@ -365,7 +371,7 @@ def run_compute(args: Namespace) -> dict[str, Any]:
     from lightning_autoanchor.reporting import describe_scores, header_comments, write_text_atomic
 
     args.img_size = _training_size(args)
-    settings = _settings(args)
+    settings = settings_of(args)
     counts = args.n if isinstance(args.n, tuple) else None
     n = None if counts else args.n if args.n is not None else sum(args.levels) if isinstance(args.levels, tuple) else 9
     levels, strides = _level_settings(args, n)

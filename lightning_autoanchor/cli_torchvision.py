@@ -23,11 +23,11 @@ def run_family(args: Namespace, command: str) -> dict[str, Any]:
     """Run ``check`` or ``compute`` for ``args.family``; returns the JSON object (printed unless ``--json``)."""
     import yaml
 
+    from lightning_autoanchor.cli import settings_of
     from lightning_autoanchor.errors import ConfigError
     from lightning_autoanchor.placed import place_boxes
     from lightning_autoanchor.refit_grid import refit_grid_anchors
     from lightning_autoanchor.reporting import grid_report_lines, write_text_atomic
-    from lightning_autoanchor.settings import AnchorSettings
     from lightning_autoanchor.sources import load_boxes
 
     try:
@@ -35,13 +35,8 @@ def run_family(args: Namespace, command: str) -> dict[str, Any]:
     except ImportError as err:  # pragma: no cover - torchvision is an optional extra
         raise ConfigError(f"--family {args.family} needs torchvision: pip install 'lightning-autoanchor[torchvision]' "
                           f"({err})") from None
-    try:
-        settings = AnchorSettings(iou_threshold=args.thr, min_size=args.min_size, max_size=args.max_size,
-                                  bpr_threshold=getattr(args, "bpr_threshold", 0.98), seed=getattr(args, "seed", 0))
-    except ConfigError as err:
-        name = str(err).split(" ", 1)[0]
-        option = {"iou_threshold": "thr"}.get(name, name).replace("_", "-")
-        raise ConfigError(f"--{option}{str(err)[len(name):]}") from None
+    settings = settings_of(args, img_size=None, thr=None, iou_threshold=args.thr, min_size=args.min_size,
+                           max_size=args.max_size)
     adapter = default_anchors(args.family[len(FAMILY_PREFIX):], settings.min_size, settings.max_size)
     boxes = load_boxes(args.data, split=args.split, strict=args.strict, progress=not args.quiet)
     placed = place_boxes(boxes, adapter.detector_resize(settings.min_size, settings.max_size), adapter.layout,
