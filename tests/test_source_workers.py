@@ -180,16 +180,18 @@ def test_an_error_of_the_caller_stops_the_workers_first() -> None:
 
 
 MAP_IN_A_SCRIPT = """
+# 4,000 files of 2 ms: 8 chunks of 500, about 4 s in all, so a Ctrl-C sent after the first chunk lands
+# mid-run even on a loaded machine (with 400 files, the first chunk was half of the work)
 import os, sys, time
 from contextlib import closing
 from lightning_autoanchor.sources._workers import map_files
 
 def slow_square(i):
-    time.sleep(0.005)
+    time.sleep(0.002)
     return i * i
 
 try:
-    with closing(map_files(slow_square, [(i,) for i in range(400)], workers=2)) as results:
+    with closing(map_files(slow_square, [(i,) for i in range(4000)], workers=2)) as results:
         for k, _ in enumerate(results):
             if k == 0:
                 print(*open(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read().split(), flush=True)

@@ -127,7 +127,11 @@ def _map_chunks(func: Callable[..., R], args: Sequence[tuple[Any, ...]], bounds:
     except _WorkerGone:  # e.g. killed for lack of memory, or it could not be started: the caller reads the rest
         return
     finally:
-        _stop(workers, graceful=finished)
+        try:
+            _stop(workers, graceful=finished)
+        except KeyboardInterrupt:  # a Ctrl-C that landed before _stop could hold it: stop them anyway
+            _stop(workers, graceful=False)
+            raise
 
 
 def _start(workers: list[tuple[Any, Connection]], n_workers: int, func: Callable[..., Any],
@@ -174,7 +178,8 @@ def _receive(conn: Connection) -> tuple[str, Any]:
 
 
 def _stop(workers: list[tuple[Any, Connection]], graceful: bool) -> None:
-    """Stop and reap every worker: closing its pipe ends it; ``graceful=False`` kills it at once."""
+    """Stop and reap every worker: closing its pipe ends it; ``graceful=False`` kills it at once. The list is
+    emptied once they are all reaped, so a second call (see :func:`_map_chunks`) finds nothing left to do."""
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGINT)
     try:
         for process, conn in workers:
@@ -187,6 +192,7 @@ def _stop(workers: list[tuple[Any, Connection]], graceful: bool) -> None:
                 process.kill()
                 process.join()
             process.close()
+        workers.clear()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
