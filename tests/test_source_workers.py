@@ -250,3 +250,23 @@ def test_a_worker_whose_parent_died_before_it_asked_ends_itself() -> None:
     for parent, expected in ((os.getpid(), (0, "went on\n")), (os.getpid() + 1, (1, ""))):
         proc = subprocess.run([sys.executable, "-c", code, str(parent)], capture_output=True, text=True, timeout=60)
         assert (proc.returncode, proc.stdout, proc.stderr) == (*expected, "")
+
+
+STOP_TWICE = """
+import os
+from lightning_autoanchor.sources._workers import _start, _stop
+
+workers = []
+_start(workers, 2, pow, [(2, 3)] * 4, [(0, 2), (2, 4)])
+_stop(workers, graceful=False)
+_stop(workers, graceful=False)  # what runs when a Ctrl-C lands as the first stop begins: nothing left to do
+print(len(workers), open(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read().split())
+"""
+
+
+@needs_proc
+def test_stopping_the_workers_again_is_harmless() -> None:
+    """A Ctrl-C that lands as the pool is being stopped makes the mapping stop it again: the second stop finds
+    every worker already reaped (and does not trip over the closed processes)."""
+    done = subprocess.run([sys.executable, "-c", STOP_TWICE], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "0 []\n", "")
