@@ -84,7 +84,8 @@ def build_parser() -> ArgumentParser:
     _common(check)
     check.add_argument("--anchors", type=str | None, default=None,
                        help='anchor widths and heights in pixels at --img-size: "10,13, 16,30, 33,23, ..." '
-                            "(needed for --family yolo; torchvision families check the model's own)")
+                            "(needed for --family yolo); torchvision families: a YAML file of the generator's "
+                            "arguments as compute --out writes it (default: the model's own)")
     check.add_argument("--bpr-threshold", type=float, default=0.98,
                        help="the anchors fit when the best possible recall reaches this (default 0.98, as YOLOv5)")
     commands.add_subcommand("check", check, help="score given anchors on a dataset")

@@ -49,3 +49,34 @@ def test_a_bad_override_is_one_line_naming_the_option() -> None:
     proc = cli("check", COCO150, "--family", "torchvision-ssd", "--thr", "1.5")
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.startswith("lightning-autoanchor: error: --thr must be an IoU in (0, 1]")
+
+
+def test_check_scores_the_anchors_a_yaml_file_gives(tmp_path: Path) -> None:
+    out_file = tmp_path / "anchors.yaml"
+    fitted = json.loads(cli("compute", COCO150, "--family", "torchvision-retinanet", *SMALL, "--out", out_file,
+                            "--json").stdout)
+    init_args = tmp_path / "init_args.yaml"  # the arguments alone, without class_path
+    init_args.write_text(yaml.safe_dump(yaml.safe_load(out_file.read_text())["init_args"]))
+    for given in (out_file, init_args):
+        proc = cli("check", COCO150, "--family", "torchvision-retinanet", *SMALL, "--anchors", given, "--json")
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        assert out["structure_before"] == fitted["structure_after"] != fitted["structure_before"]
+        assert out["before"] == fitted["after"]
+
+
+def test_anchors_the_model_cannot_take_are_one_line_naming_the_file(tmp_path: Path) -> None:
+    ssd = tmp_path / "ssd.yaml"
+    ssd.write_text(yaml.safe_dump({"class_path": "torchvision.models.detection.anchor_utils.DefaultBoxGenerator",
+                                   "init_args": {"aspect_ratios": [[2]] * 5, "scales": [0.1] * 6}}))
+    six = tmp_path / "six.yaml"  # 2 sizes x 3 ratios: 6 anchors per location, RetinaNet's head is built for 9
+    six.write_text(yaml.safe_dump({"sizes": [[32, 40]] * 5, "aspect_ratios": [[0.5, 1.0, 2.0]] * 5}))
+    for given, message in (("10,13, 16,30", "--anchors for --family torchvision-retinanet is a YAML file"),
+                           (ssd, f"{ssd}: holds the arguments of DefaultBoxGenerator, but the torchvision-retinanet "
+                                 "model's anchors come from AnchorGenerator"),
+                           (six, f"{six}: anchor_generator: the new anchors give (6, 6, 6, 6, 6) anchors per "
+                                 "location")):
+        proc = cli("check", COCO150, "--family", "torchvision-retinanet", *SMALL, "--anchors", given)
+        assert proc.returncode == 1 and proc.stdout == "", proc.stderr
+        assert proc.stderr.startswith(f"lightning-autoanchor: error: {message}"), proc.stderr
+        assert proc.stderr.count("\n") == 1
