@@ -612,13 +612,13 @@ def _climb(scorer: _Scorer, structure: _Structure, theta: np.ndarray, step: floa
 
 def _level_kick(placed: PlacedBoxes, structure: _Structure, scorer: _Scorer, theta: np.ndarray, levels: set[int],
                 noise: np.ndarray) -> tuple[np.ndarray, float]:
-    """Kick the parameters of ``levels`` from ``theta`` (``scorer`` holds its anchors) and climb them back with
-    the moves within ``levels``, on the rows no other level matches (the others' matches cannot change).
-    Returns the parameters and their weighted recall on every row (unnormalised).
+    """Kick the moves touching ``levels`` (and no level beyond their neighbours: an SSD scale touches two) from
+    ``theta`` (``scorer`` holds its anchors) and climb them back, on the rows no level they leave alone
+    matches (those matches cannot change). Returns the parameters and their weighted recall on every row
+    (unnormalised).
 
     The kick moves each move's direction by ``noise`` (one normal number per move) times ``_KICK``, a third
-    of it for a move that changes only some of a level's anchors: a level's sizes travel together, one size or
-    ratio less.
+    of it for a move of one parameter: a level's sizes travel together, one size or ratio less.
     """
     low, high = structure.bounds
     near = levels | {level + 1 for level in levels} | {level - 1 for level in levels}
