@@ -16,6 +16,12 @@ from lightning_autoanchor.errors import ConfigError
 from lightning_autoanchor.grid_fit import (
     DefaultBoxes,
     GeneratorAnchors,
+    _anchors_of,
+    _ascend,
+    _GeneratorStructure,
+    _hop,
+    _level_kick,
+    _Scorer,
     default_box_cell_anchors,
     fit_anchor_generator,
     fit_default_boxes,
@@ -102,7 +108,7 @@ def test_default_box_cell_anchors_are_the_generators(image_size: tuple[int, int]
 
 def test_anchor_generator_fit_is_scored_as_the_real_generator_places_it(checked: BoxSet,
                                                                         retina_boxes: PlacedBoxes) -> None:
-    result = fit_anchor_generator(retina_boxes, RETINA, 0.5, seed=0, restarts=1)
+    result = fit_anchor_generator(retina_boxes, RETINA, 0.5, seed=0, restarts=8)
     fitted = result.anchors
     assert isinstance(fitted, GeneratorAnchors)
     assert result.scores.recall > result.start.recall + 0.02
@@ -116,9 +122,32 @@ def test_anchor_generator_fit_is_scored_as_the_real_generator_places_it(checked:
         scores = placed.score(anchors.cell_anchors(), 0.5)
         matched = brute_force_matched(checked, real, transform, fpn_grids, 0.5)
         assert matched == pytest.approx(scores.recall * scores.n_boxes, abs=0.5)
-    again = fit_anchor_generator(retina_boxes, RETINA, 0.5, seed=0, restarts=1)
+    again = fit_anchor_generator(retina_boxes, RETINA, 0.5, seed=0, restarts=8)
     assert again.anchors == fitted and again.scores == result.scores, "equal seeds give equal anchors"
     assert result.as_dict()["sizes"] == [list(s) for s in fitted.sizes]
+
+
+def test_level_kick_changes_only_its_level_and_scores_it_on_every_row(retina_boxes: PlacedBoxes) -> None:
+    structure = _GeneratorStructure(RETINA, shared_ratios=False)
+    theta, _ = _ascend(retina_boxes, structure, 0.5)
+    scorer = _Scorer(retina_boxes, 0.5, _anchors_of(structure, theta))
+    noise = np.random.default_rng(0).normal(size=len(structure.moves))
+    kicked, recall = _level_kick(retina_boxes, structure, scorer, theta, {2}, noise)
+    changed = set(np.flatnonzero(kicked != theta))
+    assert changed and changed <= set(structure.size_ix[2]) | set(structure.ratio_ix[2])
+    scores = retina_boxes.score(structure.result(kicked).cell_anchors(), 0.5)
+    assert recall == pytest.approx(scores.recall * float(retina_boxes.weight.sum()), abs=1e-6), \
+        "the rows other levels match are counted, the others scored"
+
+
+def test_hops_never_lower_the_recall_and_follow_the_seed(retina_boxes: PlacedBoxes) -> None:
+    structure = _GeneratorStructure(RETINA, shared_ratios=False)
+    theta, (climbed, _) = _ascend(retina_boxes, structure, 0.5)
+    hops = [_hop(retina_boxes, structure, 0.5, theta, 12, torch.Generator().manual_seed(seed)) for seed in (0, 0, 1)]
+    assert np.array_equal(hops[0], hops[1]), "equal seeds give equal hops"
+    for hop in hops:
+        recall = retina_boxes.score(structure.result(hop).cell_anchors(), 0.5).recall
+        assert recall * float(retina_boxes.weight.sum()) >= climbed - 1e-6
 
 
 def test_shared_ratios_are_one_set_for_every_level(retina_boxes: PlacedBoxes) -> None:
