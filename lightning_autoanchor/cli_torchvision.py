@@ -110,10 +110,17 @@ def _write_given_anchors(adapter: TorchvisionAnchors, path: str, family: str) ->
         raise ConfigError(f"{path}: needs the {expected} arguments {' and '.join(written)} (as compute --out "
                           f"writes them), got {data!r}")
     fixed = {name: value for name, value in model["init_args"].items() if name not in written}
+    if expected == "DefaultBoxGenerator":
+        fixed.setdefault("clip", True)  # written into init_args only when False
     for name, value in data.items():
-        if name not in written and fixed.get(name, True if name == "clip" else None) != value:
-            raise ConfigError(f"{path}: {name}={value!r} is not the model's ({fixed.get(name)!r}); --anchors sets "
-                              f"only {' and '.join(written)}")
+        if name in written:
+            continue
+        if name not in fixed:
+            raise ConfigError(f"{path}: {name!r} is not an argument --anchors sets ({expected}: "
+                              f"{' and '.join(written)})")
+        if value != fixed[name]:
+            raise ConfigError(f"{path}: {name}={value!r} is not the model's ({fixed[name]!r}); --anchors sets only "
+                              f"{' and '.join(written)}, the model keeps its grid")
     try:
         adapter.write_structure(*(data[name] for name in written))
     except HeadError as err:

@@ -65,17 +65,32 @@ def test_check_scores_the_anchors_a_yaml_file_gives(tmp_path: Path) -> None:
         assert out["before"] == fitted["after"]
 
 
+def test_check_takes_back_the_ssd_arguments_compute_wrote(tmp_path: Path) -> None:
+    out_file = tmp_path / "ssd.yaml"  # scales and aspect_ratios, with the model's own steps
+    fitted = json.loads(cli("compute", COCO150, "--family", "torchvision-ssd", "--out", out_file, "--json").stdout)
+    assert "steps" in yaml.safe_load(out_file.read_text())["init_args"]
+    proc = cli("check", COCO150, "--family", "torchvision-ssd", "--anchors", out_file, "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["structure_before"] == fitted["structure_after"] and out["before"] == fitted["after"]
+
+
 def test_anchors_the_model_cannot_take_are_one_line_naming_the_file(tmp_path: Path) -> None:
     ssd = tmp_path / "ssd.yaml"
     ssd.write_text(yaml.safe_dump({"class_path": "torchvision.models.detection.anchor_utils.DefaultBoxGenerator",
                                    "init_args": {"aspect_ratios": [[2]] * 5, "scales": [0.1] * 6}}))
     six = tmp_path / "six.yaml"  # 2 sizes x 3 ratios: 6 anchors per location, RetinaNet's head is built for 9
     six.write_text(yaml.safe_dump({"sizes": [[32, 40]] * 5, "aspect_ratios": [[0.5, 1.0, 2.0]] * 5}))
+    strides = tmp_path / "strides.yaml"
+    strides.write_text(yaml.safe_dump({"sizes": [[32, 40, 50]] * 5, "aspect_ratios": [[0.5, 1.0, 2.0]] * 5,
+                                       "strides": [8, 16, 32, 64, 128]}))
     for given, message in (("10,13, 16,30", "--anchors for --family torchvision-retinanet is a YAML file"),
                            (ssd, f"{ssd}: holds the arguments of DefaultBoxGenerator, but the torchvision-retinanet "
                                  "model's anchors come from AnchorGenerator"),
                            (six, f"{six}: anchor_generator: the new anchors give (6, 6, 6, 6, 6) anchors per "
-                                 "location")):
+                                 "location"),
+                           (strides, f"{strides}: 'strides' is not an argument --anchors sets (AnchorGenerator: "
+                                     "sizes and aspect_ratios)")):
         proc = cli("check", COCO150, "--family", "torchvision-retinanet", *SMALL, "--anchors", given)
         assert proc.returncode == 1 and proc.stdout == "", proc.stderr
         assert proc.stderr.startswith(f"lightning-autoanchor: error: {message}"), proc.stderr
