@@ -511,14 +511,18 @@ class _Scorer:
         area = self.area if rows is None else self.area[rows]
         return inter.div_((area + anchors.prod(dim=1)).sub_(inter))
 
+    def best_outside(self, levels: Iterable[int]) -> Tensor:
+        """``(N,)`` best IoU of every row with the current anchors of every level but ``levels`` (0 if none)."""
+        levels = set(levels)
+        if len(levels) == 1:
+            (level,) = levels
+            return torch.where(self.first == level, self.second_best, self.first_best)
+        others = [level for level in range(len(self.iou)) if level not in levels]
+        return self.level_best[others].amax(dim=0) if others else torch.zeros(len(self.w))
+
     def _rest(self, move: _Move) -> Tensor:
         """``(N, 1)`` best IoU of every row with the anchors ``move`` keeps."""
-        if len(move.touched) == 1:
-            (level,) = move.touched
-            rest = torch.where(self.first == level, self.second_best, self.first_best)
-        else:
-            untouched = [level for level in range(len(self.iou)) if level not in move.touched]
-            rest = self.level_best[untouched].amax(dim=0) if untouched else torch.zeros(len(self.w))
+        rest = self.best_outside(move.touched)
         for level, cols in move.kept.items():
             if len(cols):
                 rest = torch.maximum(rest, self.iou[level][cols].amax(dim=0))
@@ -628,15 +632,11 @@ def _level_kick(placed: PlacedBoxes, structure: _Structure, scorer: _Scorer, the
     kicked = theta + sum(noise[i] * _KICK * (1 if np.count_nonzero(move.direction) > 1 else 1 / 3) * move.direction
                          for i, move in moves)
     kicked = np.clip(kicked, low, high)
-    touched = set().union(*(move.touched for _, move in moves))
-    untouched = [level for level in range(len(scorer.iou)) if level not in touched]
-    rest = scorer.level_best[untouched].amax(dim=0) if untouched else torch.zeros(len(scorer.w))
-    free = rest < scorer.thr
+    free = scorer.best_outside(set().union(*(move.touched for _, move in moves))) < scorer.thr
     kept = float(scorer.weight[~free].sum())
     if not bool(free.any()):
         return theta, kept
-    anchors = {level: a[0] for level, a in structure.anchors(kicked[None]).items()}
-    sub = _Scorer(placed.rows(free.nonzero()[:, 0]), scorer.thr, anchors)
+    sub = _Scorer(placed.rows(free.nonzero()[:, 0]), scorer.thr, _anchors_of(structure, kicked))
     kicked = _climb(sub, structure, kicked, _RESTART_STEP, [move for _, move in moves], _COARSE_STEP)
     return kicked, kept + sub.total()[0]
 
