@@ -41,6 +41,23 @@ def random_box_set(seed: int, image_sizes: list[tuple[int, int]], per_image: int
     return BoxSet(sizes, wh, index, xy=x1y1 + wh / 2)
 
 
+def with_corner_boxes(box_set: BoxSet, sides: tuple[float, ...] = (12.0, 40.0, 150.0)) -> BoxSet:
+    """``box_set`` and, in every image, square boxes of each side (at most the image's shorter side) flush with
+    each of its four corners: the boxes whose nearest anchor centres are the first and last of the grid."""
+    xy, wh, index = [box_set.xy], [box_set.wh], [box_set.image_index]
+    for i, (w, h) in enumerate(box_set.image_sizes):
+        for side in sides:
+            side = min(side, w, h)
+            for cx in (side / 2, w - side / 2):
+                for cy in (side / 2, h - side / 2):
+                    xy.append(np.array([[cx, cy]]))
+                    wh.append(np.array([[side, side]]))
+                    index.append(np.array([i]))
+    index = np.concatenate(index)
+    order = np.argsort(index, kind="stable")  # image by image, as the brute force scores them
+    return BoxSet(box_set.image_sizes, np.concatenate(wh)[order], index[order], xy=np.concatenate(xy)[order])
+
+
 def corners(xy: np.ndarray, wh: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.concatenate([xy - wh / 2, xy + wh / 2], axis=1)).float()
 
@@ -122,7 +139,7 @@ def test_resize_settings_are_checked() -> None:
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_best_iou_equals_brute_force_over_anchor_generator(seed: int) -> None:
-    box_set = random_box_set(seed, [(640, 480), (300, 500), (1000, 200), (333, 333)], 40)
+    box_set = with_corner_boxes(random_box_set(seed, [(640, 480), (300, 500), (1000, 200), (333, 333)], 40))
     generator = AnchorGenerator(sizes=((23, 37), (50, 71, 77), (101, 130)),  # odd sizes: the rounding shows
                                 aspect_ratios=((0.4, 1.3), (0.7, 1.0), (0.5, 2.2, 3.0)))
     layout = fpn_layout(range(3, 6))
@@ -141,7 +158,7 @@ def test_best_iou_equals_brute_force_over_anchor_generator(seed: int) -> None:
 
 
 def test_best_iou_equals_brute_force_over_ssd_default_boxes() -> None:
-    box_set = random_box_set(2, [(640, 480), (200, 500), (300, 300)], 25)
+    box_set = with_corner_boxes(random_box_set(2, [(640, 480), (200, 500), (300, 300)], 25))
     generator = DefaultBoxGenerator([[2], [2, 3], [2, 3], [2, 3], [2], [2]],
                                     scales=[0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05], steps=list(SSD_STEPS))
     transform = GeneralizedRCNNTransform(300, 300, MEAN, STD, size_divisible=1, fixed_size=(300, 300)).eval()
