@@ -19,6 +19,12 @@ Sections (``--sections``, default all):
 ``million``
     The RetinaNet fit on 1M boxes: images of the COCO file drawn with replacement (seeded) until there are
     a million boxes; placing them and fitting, timed.
+``padding``
+    How much it matters that the measure pads each image alone: torchvision pads a batch to its widest and
+    tallest image, which moves the grid of the levels whose stride does not divide the padded size (P6, P7:
+    stride ``padded // grid``). RetinaNet's defaults and fitted anchors scored with every image padded alone
+    and with every image padded to the largest size in the file (a batch holding both orientations: 1344 x
+    1344 on COCO), the extreme case.
 ``fasterrcnn``
     ``fasterrcnn_resnet50_fpn``'s RPN: levels P2-P6, 1 size x 3 ratios per level, threshold 0.7.
 ``ssd``
@@ -86,6 +92,14 @@ def fpn_layout(log2_strides: range) -> Layout:
         grids = np.stack([-(-padded // 2 ** k) for k in log2_strides], axis=1)
         return grids, (padded[:, None, :] // grids).astype(np.float64)
     return layout
+
+
+def batch_padded(layout: Layout) -> Layout:
+    """``layout`` with every image padded to the largest padded width and height of all of them, as one batch
+    holding the widest and the tallest image would pad it."""
+    def padded_together(padded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return layout(np.broadcast_to(padded.max(axis=0), padded.shape))
+    return padded_together
 
 
 def ssd_layout(padded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -233,7 +247,7 @@ def resampled(box_set: BoxSet, n_boxes: int, seed: int) -> BoxSet:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DATA, help="COCO detection JSON (default: %(default)s)")
-    parser.add_argument("--sections", default="retinanet,million,fasterrcnn,ssd")
+    parser.add_argument("--sections", default="retinanet,million,padding,fasterrcnn,ssd")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the fit's search uses one)")
     parser.add_argument("--json-out", type=Path)
@@ -264,6 +278,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 f"placing them: {place_wall:.2f} s wall, {place_cpu:.2f} s CPU; search on "
                                 f"{result.n_search_rows:,} rows, scores on all)")
 
+    if "padding" in sections:
+        alone = place_boxes(box_set, rcnn_resize, fpn_layout(range(3, 8)))
+        together = place_boxes(box_set, rcnn_resize, batch_padded(fpn_layout(range(3, 8))))
+        fitted = fit_anchor_generator(alone, retina_start, 0.5, seed=args.seed).anchors
+        for name, anchors in (("defaults", retina_start), ("this project", fitted)):
+            for padding, placed in (("each image padded alone (the measure)", alone),
+                                    ("every image padded to the largest", together)):
+                report.row("padding", name, padding, placed.score(anchors.cell_anchors(), 0.5))
+        report.print("padding", "RetinaNet, COCO val2017: each image padded alone or all padded to the largest")
+
     if "fasterrcnn" in sections:
         placed = place_boxes(box_set, rcnn_resize, fpn_layout(range(2, 7)))
         compare_generator(report, "fasterrcnn", box_set, placed, rcnn_resize, GeneratorAnchors(RPN_SIZES, [RATIOS] * 5),
@@ -281,10 +305,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "2 px left out)")
 
     for section, rows in report.sections.items():
-        print(f"\n{section} anchors:")
-        for r in rows:
-            if r["anchors"] is not None and r["method"] != "defaults":
-                print(f"  {r['method']} ({r['structure']}): {json.dumps(r['anchors'])}")
+        fitted = [r for r in rows if r["anchors"] is not None and r["method"] != "defaults"]
+        if fitted:
+            print(f"\n{section} anchors:")
+        for r in fitted:
+            print(f"  {r['method']} ({r['structure']}): {json.dumps(r['anchors'])}")
     if args.json_out:
         args.json_out.write_text(json.dumps(report.sections, indent=1))
     return 0
