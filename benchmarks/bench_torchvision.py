@@ -260,16 +260,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = Report()
     rcnn_resize = DetectorResize((800,), 1333, 32)
     retina_start = GeneratorAnchors(RETINA_SIZES, [RATIOS] * 5)
+    retina_layout = fpn_layout(range(3, 8))  # P3-P7
 
     if "retinanet" in sections:
-        placed, wall, cpu = timed(lambda: place_boxes(box_set, rcnn_resize, fpn_layout(range(3, 8))))
+        placed, wall, cpu = timed(lambda: place_boxes(box_set, rcnn_resize, retina_layout))
         print(f"RetinaNet: {placed.n_boxes} boxes placed in {wall:.2f} s ({placed.n_dropped} under 2 px left out)")
         compare_generator(report, "retinanet", box_set, placed, rcnn_resize, retina_start, 0.5, args.seed)
         report.print("retinanet", "retinanet_resnet50_fpn, COCO val2017, 800/1333, threshold 0.5")
 
     if "million" in sections:
         big = resampled(box_set, MILLION, args.seed)
-        placed, place_wall, place_cpu = timed(lambda: place_boxes(big, rcnn_resize, fpn_layout(range(3, 8))))
+        placed, place_wall, place_cpu = timed(lambda: place_boxes(big, rcnn_resize, retina_layout))
         result, wall, cpu = timed(lambda: fit_anchor_generator(placed, retina_start, 0.5, seed=args.seed))
         report.row("million", "defaults", "3 sizes x 3 ratios", result.start)
         report.row("million", "this project", "3 sizes x 3 ratios, ratios per level", result.scores, wall, cpu,
@@ -279,8 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 f"{result.n_search_rows:,} rows, scores on all)")
 
     if "padding" in sections:
-        alone = place_boxes(box_set, rcnn_resize, fpn_layout(range(3, 8)))
-        together = place_boxes(box_set, rcnn_resize, batch_padded(fpn_layout(range(3, 8))))
+        alone = place_boxes(box_set, rcnn_resize, retina_layout)
+        together = place_boxes(box_set, rcnn_resize, batch_padded(retina_layout))
         fitted = fit_anchor_generator(alone, retina_start, 0.5, seed=args.seed).anchors
         for name, anchors in (("defaults", retina_start), ("this project", fitted)):
             for padding, placed in (("each image padded alone (the measure)", alone),
