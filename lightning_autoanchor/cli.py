@@ -20,7 +20,7 @@ import sys
 from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterator, Sequence
     from types import FrameType, TracebackType
 
     from jsonargparse import ArgumentParser, Namespace
@@ -469,6 +469,11 @@ def _plot(args: Namespace, wh: Any, result: Any, curve: Any) -> Any:
 def _run(args: Namespace, command: str) -> dict[str, Any]:
     from lightning_autoanchor.cli_torchvision import FAMILY_PREFIX, run_family
 
+    with _sigint_held():
+        import torch  # noqa: F401
+        if args.family.startswith(FAMILY_PREFIX):
+            with contextlib.suppress(ImportError):  # the family's own import says what to install
+                import torchvision  # noqa: F401
     if args.family.startswith(FAMILY_PREFIX):
         return run_family(args, command)
     return (run_check if command == "check" else run_compute)(args)
@@ -543,6 +548,29 @@ def _say_interrupted() -> None:
             os.write(2, _INTERRUPTED)
 
 
+@contextlib.contextmanager
+def _sigint_held() -> Iterator[None]:
+    """SIGINT held back (blocked, kept pending) in this thread while the block runs, then delivered.
+
+    For importing torch and torchvision: their C++ (pybind11) initialisers call back into Python, and a
+    ``KeyboardInterrupt`` raised there cannot unwind through them: the process aborts (status -6,
+    ``terminate called after throwing an instance of 'pybind11::error_already_set'``; Python's own
+    handler does the same). The signal sweep of ``tests/test_cli_signals.py`` met it once, a Ctrl-C
+    0.63 s into a run, in ``torch.distributed.autograd``'s import. Held, a Ctrl-C waits for the end of
+    the import (about 1 s at most) and then ends the run as usual. Threads started meanwhile inherit the
+    block, so the signal can only reach this one. Where there is no ``pthread_sigmask`` (Windows), nothing
+    is held.
+    """
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 def _on_sigint(signum: int, frame: FrameType | None) -> None:
     """The first Ctrl-C raises ``KeyboardInterrupt``, so that the run unwinds (files being written are
     removed, worker processes stopped and reaped); a second one ends the process here and now."""
@@ -577,7 +605,8 @@ def console_main() -> NoReturn:
 
     From its first line, a Ctrl-C (SIGINT) at any moment ends the run with one line on stderr,
     ``lightning-autoanchor: interrupted``, and exit status 130 (:func:`_on_sigint`); before it, while
-    Python starts, Python's own handling applies. A run of the command is short and makes no
+    Python starts, Python's own handling applies; while torch (and torchvision) are imported, it waits for
+    the import to end (:func:`_sigint_held`). A run of the command is short and makes no
     reference cycles worth collecting, so the garbage collector stays off (its passes cost about
     0.3 s while torch is imported and annotations are read); once the output is flushed the process
     ends without the interpreter's teardown of torch's modules (another 0.3 s). Every file the run

@@ -9,7 +9,9 @@ main process only, after a delay taken from a sweep over the whole run. Required
   130. The one exception is a SIGINT that arrives while Python starts and imports the command, before
   :func:`~lightning_autoanchor.cli.console_main` runs: Python handles that one itself, and the process
   ends by SIGINT, or with Python's ``KeyboardInterrupt`` traceback (status 1 or death by SIGINT), with
-  no frame of ``console_main`` in it (about 0.1 s with this editable install's ``site`` import).
+  no frame of ``console_main`` in it (about 0.1 s with this editable install's ``site`` import). A SIGINT
+  while torch or torchvision is imported is held until the import is over (their C++ initialisers abort
+  the process if a ``KeyboardInterrupt`` is raised inside them).
 - SIGINT, SIGTERM and SIGKILL: no process of the session is left afterwards (zombies, dead processes
   their new parent has not reaped yet, are not processes left), and no temporary file in the dataset.
 """
@@ -25,6 +27,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from .conftest import DATA
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc to see processes")
 
@@ -176,6 +180,47 @@ def test_sigint_at_every_moment(dataset: Path, run_time: float, start_time: floa
         assert_nothing_left(proc, dataset, why)
     print("SIGINT outcomes by delay:", seen)
     assert [outcome for _, outcome in seen].count("one line") >= len(delays) // 2, seen
+
+
+AT_IMPORT = """
+import os, signal, sys
+def at_import(event, args):
+    if event == "import" and args[0] in ("torch", "torchvision", "torch.distributed.autograd"):
+        held = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, ())
+        os.write(2, f"{args[0]} held={held}\\n".encode())
+        if args[0] == os.environ.get("SIGINT_AT"):
+            os.kill(os.getpid(), signal.SIGINT)
+sys.addaudithook(at_import)
+from lightning_autoanchor.cli import console_main
+console_main()
+"""
+
+
+def run_with_import_hook(*args: str, sigint_at: str = "") -> subprocess.CompletedProcess[str]:
+    """The command (``console_main``, as installed) with an audit hook that says, as torch, torchvision and
+    ``torch.distributed.autograd`` start to import, whether SIGINT is held, and sends SIGINT at ``sigint_at``."""
+    return subprocess.run([sys.executable, "-c", AT_IMPORT, *args], capture_output=True, text=True,
+                          env={**ENV, "SIGINT_AT": sigint_at}, timeout=TIMEOUT_S)
+
+
+@pytest.mark.parametrize("family", [["--anchors", "10,13, 16,30, 33,23"], ["--family", "torchvision-ssd"]],
+                         ids=["yolo", "torchvision"])
+def test_torch_is_imported_with_sigint_held(family: list[str]) -> None:
+    """torch's and torchvision's C++ initialisers cannot unwind a KeyboardInterrupt (a Ctrl-C 0.63 s into a
+    run once aborted the process, status -6, in ``torch.distributed.autograd``'s import): they are imported
+    with SIGINT held."""
+    proc = run_with_import_hook("check", str(DATA / "coco2017_val_150.json.gz"), *family, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    imported = ["torch", "torch.distributed.autograd"] + (["torchvision"] if "--family" in family else [])
+    assert sorted(proc.stderr.splitlines()) == sorted(f"{name} held=True" for name in imported)
+
+
+def test_a_sigint_during_torch_s_import_ends_the_run_after_it() -> None:
+    """A Ctrl-C deep in torch's import waits for the import to end, then gives the one line and status 130."""
+    proc = run_with_import_hook("check", str(DATA / "coco2017_val_150.json.gz"), "--anchors", "10,13",
+                                sigint_at="torch.distributed.autograd")
+    assert (proc.returncode, proc.stdout) == (130, "")
+    assert proc.stderr == f"torch held=True\ntorch.distributed.autograd held=True\n{INTERRUPTED}"
 
 
 @pytest.mark.parametrize("to_group", [True, False], ids=["group", "main process"])
