@@ -469,12 +469,13 @@ def _plot(args: Namespace, wh: Any, result: Any, curve: Any) -> Any:
 def _run(args: Namespace, command: str) -> dict[str, Any]:
     from lightning_autoanchor.cli_torchvision import FAMILY_PREFIX, run_family
 
+    torchvision_family = args.family.startswith(FAMILY_PREFIX)
     with _sigint_held():
         import torch  # noqa: F401
-        if args.family.startswith(FAMILY_PREFIX):
+        if torchvision_family:
             with contextlib.suppress(ImportError):  # the family's own import says what to install
                 import torchvision  # noqa: F401
-    if args.family.startswith(FAMILY_PREFIX):
+    if torchvision_family:
         return run_family(args, command)
     return (run_check if command == "check" else run_compute)(args)
 
