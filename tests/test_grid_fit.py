@@ -14,13 +14,18 @@ from lightning_autoanchor.boxes import BoxSet
 from lightning_autoanchor.detector_resize import DetectorResize
 from lightning_autoanchor.errors import ConfigError
 from lightning_autoanchor.grid_fit import (
+    _FINAL_STEP,
     DefaultBoxes,
     GeneratorAnchors,
     _anchors_of,
     _ascend,
+    _climb,
+    _DefaultBoxStructure,
     _GeneratorStructure,
     _hop,
     _level_kick,
+    _Move,
+    _polish,
     _Scorer,
     default_box_cell_anchors,
     fit_anchor_generator,
@@ -148,6 +153,56 @@ def test_hops_never_lower_the_recall_and_follow_the_seed(retina_boxes: PlacedBox
     for hop in hops:
         recall = retina_boxes.score(structure.result(hop).cell_anchors(), 0.5).recall
         assert recall * float(retina_boxes.weight.sum()) >= climbed - 1e-6
+
+
+UNEVEN = GeneratorAnchors([(32,), (64, 80)], [(0.5, 1.0, 2.0), (1.0,)])
+
+
+@pytest.mark.parametrize("structure", [_GeneratorStructure(RETINA, shared_ratios=False),
+                                       _GeneratorStructure(UNEVEN, shared_ratios=False), _DefaultBoxStructure(SSD)],
+                         ids=["3x3", "1x3-2x1", "ssd"])
+def test_a_pair_changes_its_anchors_only(structure: _GeneratorStructure | _DefaultBoxStructure) -> None:
+    theta = structure.theta0
+    before = structure.anchors(theta[None])
+    assert structure.pairs
+    for level, p, q, cols in structure.pairs:
+        moved = theta.copy()
+        moved[[p, q]] += 0.3
+        after = structure.anchors(moved[None])
+        for other in before:
+            changed = (after[other][0] != before[other][0]).any(dim=1).nonzero()[:, 0]
+            assert set(changed.tolist()) == (set(cols.tolist()) if other == level else set()), (level, p, q)
+
+
+def test_the_polish_guide_counts_what_evaluate_scores(retina_boxes: PlacedBoxes) -> None:
+    structure = _GeneratorStructure(RETINA, shared_ratios=False)
+    theta, _ = _ascend(retina_boxes, structure, 0.5)
+    scorer = _Scorer(retina_boxes, 0.5, _anchors_of(structure, theta))
+    grid = np.linspace(-0.3, 0.3, 13)
+    counts = [9] * 5
+    for level, p, q, cols in structure.pairs:
+        candidates = np.repeat(theta[None], len(grid) ** 2, axis=0)
+        candidates[:, p] += np.repeat(grid, len(grid))
+        candidates[:, q] += np.tile(grid, len(grid))
+        anchors = structure.anchors(candidates, [level])
+        move = _Move.of(np.zeros_like(theta), {level: cols}, counts)
+        guide = scorer.guide(move, anchors[level][:, cols]).double()
+        recall, _ = scorer.evaluate(move, anchors)
+        assert torch.allclose(guide - guide[0], recall - recall[0], atol=1e-4), (level, p, q)
+
+
+def test_the_polish_finds_pair_moves_the_climb_misses(retina_boxes: PlacedBoxes) -> None:
+    structure = _GeneratorStructure(RETINA, shared_ratios=False)
+    theta, _ = _ascend(retina_boxes, structure, 0.5)
+    scorer = _Scorer(retina_boxes, 0.5, _anchors_of(structure, theta))
+    theta = _climb(scorer, structure, theta, _FINAL_STEP)
+    climbed = retina_boxes.score(structure.result(theta).cell_anchors(), 0.5)
+    polished = _polish(scorer, structure, theta, 0.15, 0.015)
+    scores = retina_boxes.score(structure.result(polished).cell_anchors(), 0.5)
+    assert scores.recall > climbed.recall, "the climb's end is not the best of every pair's grid"
+    assert scores.recall * scores.n_boxes == pytest.approx(scorer.total()[0], abs=1e-6), \
+        "the scorer holds the polished anchors"
+    assert np.array_equal(_polish(scorer, structure, polished, 0.15, 0.015), polished), "a polished point stays"
 
 
 def test_shared_ratios_are_one_set_for_every_level(retina_boxes: PlacedBoxes) -> None:
