@@ -30,8 +30,8 @@ __all__ = ["GridAnchors", "GridUpdate", "refit_grid_anchors", "structure_from_di
 
 _REFACTOR_MAX = 3
 """Up to this many anchors per location, ``AnchorGenerator`` fits also try the other ways of writing the count as
-sizes x ratios (COCO val2017, Faster R-CNN's RPN at IoU 0.7: placed recall 0.4319 with 1 size x 3 ratios kept,
-0.4851 with 3 sizes x 1 ratio; ``benchmarks/bench_torchvision.py``)."""
+sizes x ratios (COCO val2017, Faster R-CNN's RPN at IoU 0.7: placed recall 0.4310 with 1 size x 3 ratios kept,
+0.4848 with 3 sizes x 1 ratio; ``benchmarks/bench_torchvision.py``)."""
 
 GridAnchors = GeneratorAnchors | DefaultBoxes | FreeAnchors
 """The arguments of a grid head's anchor generator: torchvision's ``AnchorGenerator`` or SSD's
