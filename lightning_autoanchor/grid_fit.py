@@ -38,23 +38,23 @@ it kicks the parameters of one random level (15 % of the time two adjacent level
 sizes together by N(0, 0.5) in log space and each single parameter by a third of that, climbs the moves touching
 those levels back on the rows no other level matches (about 0.04 s a kick on RetinaNet's COCO boxes, against 0.15 s
 for a climb on every row), and keeps the result if the recall rises; a fine climb follows. A polish ends it
-(:func:`_polish`): every two parameters of one level (two sizes, two ratios, or a size and a ratio; SSD: two ratios
-of a level; free anchors: an anchor's width and height) move together to the best point of a square grid around
-their values, ±15 % in 1.5 % steps, then ±3 % in 0.25 % steps; a pair that moves queues the pairs of its level and
-the adjacent ones again. Generated anchors are whole even pixels, so two parameters moved together, and by less
-than the climb's 1 %, reach anchors no single move reaches: after the search above (60 kicks), the polish adds 3-16
-of RetinaNet's COCO val boxes (mean 9) in about 0.7 s. A grid point is first ranked by a quick count on the rows at
-stake only (:meth:`_Scorer.guide`), and the best-ranked ones are scored exactly before one is taken. With
-``refactor``, every factorisation climbs and the best one hops. On COCO val2017's 36,335 boxes placed for RetinaNet
-(threshold 0.5), the default fit (40 kicks, then the polish) reaches placed recall 0.9678-0.9684 over seeds 0-11,
-mean 0.96803, in 3.7-5.1 s (mean 4.4 s) on two cores; 60 kicks without the polish, run in turn with it seed by
-seed: 0.9676-0.9681, mean 0.96776, in 3.8-5.2 s (mean 4.3 s); global kicks of every parameter from the best, as the
-fit did before that: 0.9669-0.9674. Kicks of up to three adjacent levels reach more but cost more (a kick of two or
-three levels climbs 8,000-22,000 rows against 1,500-9,000 for one, and costs four or nine times as much): 240 of
-them give mean 0.9681 (at best 0.9684) in about 24 s. Two threads climbing kicks side by side gave no speed-up (a
-kick's tensors are small: the GIL stays busy). For box sets over ``max_search_rows`` rows, the search runs on a
-seeded subsample; the start and the result are scored exactly on every box, and the start is kept unless the result
-beats it there.
+(:func:`_polish`): every two parameters of one level (two sizes, two ratios, or a size and a ratio, unless the
+ratios are shared; SSD: two ratios of a level; free anchors: an anchor's width and height) move together to the
+best point of a square grid around their values, ±15 % in 1.5 % steps, then ±3 % in 0.25 % steps; a pair that moves
+queues the pairs of its level and the adjacent ones again. Generated anchors are whole even pixels, so two
+parameters moved together, and by less than the climb's 1 %, reach anchors no single move reaches: after the search
+above (60 kicks), the polish adds 3-16 of RetinaNet's COCO val boxes (mean 9) in about 0.7 s. A grid point is first
+ranked by a quick count on the rows at stake only (:meth:`_Scorer.guide`), and the best-ranked ones are scored
+exactly before one is taken. With ``refactor``, every factorisation climbs and the best one hops. On COCO val2017's
+36,335 boxes placed for RetinaNet (threshold 0.5), the default fit (40 kicks, then the polish) reaches placed
+recall 0.9678-0.9684 over seeds 0-11, mean 0.96803, in 3.7-5.1 s (mean 4.4 s) on two cores; 60 kicks without the
+polish, run in turn with it seed by seed: 0.9676-0.9681, mean 0.96776, in 3.8-5.2 s (mean 4.3 s); global kicks of
+every parameter from the best, as the fit did before that: 0.9669-0.9674. Kicks of up to three adjacent levels
+reach more but cost more (a kick of two or three levels climbs 8,000-22,000 rows against 1,500-9,000 for one, and
+costs four or nine times as much): 240 of them give mean 0.9681 (at best 0.9684) in about 24 s. Two threads
+climbing kicks side by side gave no speed-up (a kick's tensors are small: the GIL stays busy). For box sets over
+``max_search_rows`` rows, the search runs on a seeded subsample; the start and the result are scored exactly on
+every box, and the start is kept unless the result beats it there.
 
 Hand-written rather than ``scipy.optimize.differential_evolution``: one exact placed score of
 RetinaNet's 45 cell anchors on COCO val's 36k boxes costs about 11 ms, and a differential evolution
