@@ -552,13 +552,27 @@ class _Scorer:
         others = [level for level in range(len(self.iou)) if level not in levels]
         return self.level_best[others].amax(dim=0) if others else torch.zeros(len(self.w))
 
-    def _rest(self, move: _Move) -> Tensor:
-        """``(N, 1)`` best IoU of every row with the anchors ``move`` keeps."""
+    def _rest(self, move: _Move, rows: Tensor | None = None) -> Tensor:
+        """``(n, 1)`` best IoU of the rows (all, or ``rows``) with the anchors ``move`` keeps."""
         rest = self.best_outside(move.touched)
+        if rows is not None:
+            rest = rest[rows]
         for level, cols in move.kept.items():
             if len(cols):
-                rest = torch.maximum(rest, self.iou[level][cols].amax(dim=0))
+                kept = self.iou[level][cols]
+                rest = torch.maximum(rest, (kept if rows is None else kept[:, rows]).amax(dim=0))
         return rest[:, None]
+
+    def _bound(self, level: int, anchors: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``(n, 1)`` upper bound of the overlap and lower bound of the union of the rows (all, or ``rows``) with
+        any of ``(K, 2)`` anchors at the level's offsets: the overlap of the largest sides, at most the box's area
+        and the largest anchor area; the smallest anchor area, or the larger of it and the box's area."""
+        areas = anchors.prod(dim=1)
+        smallest, largest = float(areas.min()), float(areas.max())
+        area = self.area if rows is None else self.area[rows]
+        overlap = self._overlap(level, anchors.amax(dim=0, keepdim=True), rows)
+        overlap = torch.minimum(overlap, area).clamp_(max=largest)
+        return overlap, torch.maximum(area + smallest - overlap, area.clamp(min=smallest))
 
     def evaluate(self, move: _Move, candidates: dict[int, Tensor]) -> tuple[Tensor, Tensor]:
         """``(C,)`` weighted recall and mean best IoU, up to a constant shared by all candidates, with the
@@ -568,17 +582,12 @@ class _Scorer:
         an upper bound of every candidate's IoU keeps it. The IoU ``I / (w h + A - I)`` rises with the
         overlap ``I`` and falls with the anchor area ``A``; the bound takes for ``I`` the overlap of the
         largest candidate sides, at most the box's area and the largest candidate area, and for the union
-        the smallest candidate area, or the larger of the box's area and the smallest candidate area.
+        the smallest candidate area, or the larger of the box's area and the smallest candidate area (:meth:`_bound`).
         """
         rest = self._rest(move)
         in_play = None
         for level, cols in move.touched.items():
-            moved = candidates[level][:, cols]
-            areas = moved.prod(dim=2)
-            smallest, largest = float(areas.min()), float(areas.max())
-            overlap = self._overlap(level, moved.flatten(0, 1).amax(dim=0, keepdim=True), None)
-            overlap = torch.minimum(overlap, self.area).clamp_(max=largest)
-            union = torch.maximum(self.area + smallest - overlap, self.area.clamp(min=smallest))
+            overlap, union = self._bound(level, candidates[level][:, cols].flatten(0, 1), None)
             play = overlap > rest * union
             in_play = play if in_play is None else in_play | play
         rows = in_play[:, 0].nonzero()[:, 0]
@@ -599,22 +608,14 @@ class _Scorer:
         the largest candidate sides could match (the bound of :meth:`evaluate`, at the threshold).
         """
         ((level, _),) = move.touched.items()
-        outside = self.best_outside({level})
-        rows = (outside < self.thr).nonzero()[:, 0]
-        rest = outside[rows]
-        if len(move.kept[level]):
-            rest = torch.maximum(rest, self.iou[level][move.kept[level]][:, rows].amax(dim=0))
+        rows = (self.best_outside({level}) < self.thr).nonzero()[:, 0]
+        rest = self._rest(move, rows)
         bits = candidates.contiguous().view(torch.int32).to(torch.int64)  # one key per (w, h): their float32 bits
         distinct, inverse = torch.unique((bits[..., 0] << 32) | bits[..., 1], return_inverse=True)
         anchors = torch.empty(len(distinct), 2)
         anchors[inverse.flatten()] = candidates.reshape(-1, 2)
-        areas = anchors.prod(dim=1)
-        smallest, largest = float(areas.min()), float(areas.max())
-        area = self.area[rows, 0]
-        overlap = self._overlap(level, anchors.amax(dim=0, keepdim=True), rows)[:, 0]
-        overlap = torch.minimum(overlap, area).clamp_(max=largest)
-        union = torch.maximum(area + smallest - overlap, area.clamp(min=smallest))
-        rows = rows[(rest < self.thr) & (overlap >= self.thr * union)]
+        overlap, union = self._bound(level, anchors, rows)
+        rows = rows[((rest < self.thr) & (overlap >= self.thr * union))[:, 0]]
         matched = (self._iou(level, anchors, rows) >= self.thr).T.contiguous()  # (anchors, rows): gathers of rows
         some = matched.any(dim=0)
         matched, rows = matched[:, some], rows[some]
@@ -647,6 +648,12 @@ class _Scorer:
         return float(self.weight @ (best >= self.thr).to(torch.float64)), float(self.weight @ best)
 
 
+def _best(recall: Tensor, mean_iou: Tensor) -> int:
+    """Index of the best candidate: the highest recall, then the highest mean best IoU."""
+    top = recall >= recall.max() - 1e-9
+    return int(torch.where(top, mean_iou, torch.full_like(mean_iou, -math.inf)).argmax())
+
+
 def _climb(scorer: _Scorer, structure: _Structure, theta: np.ndarray, step: float,
            moves: Sequence[_Move] | None = None, min_step: float = _MIN_STEP) -> np.ndarray:
     """Pattern search from ``theta`` (``scorer`` holds its anchors), with a step per move (of ``moves``,
@@ -669,8 +676,7 @@ def _climb(scorer: _Scorer, structure: _Structure, theta: np.ndarray, step: floa
             candidates = np.clip(theta + steps[i] * offsets[:, None] * move.direction, low, high)
             anchors = structure.anchors(candidates, move.touched)
             recall, mean_iou = scorer.evaluate(move, anchors)
-            top = recall >= recall.max() - 1e-9
-            pick = int(torch.where(top, mean_iou, torch.full_like(mean_iou, -math.inf)).argmax())
+            pick = _best(recall, mean_iou)
             if (float(recall[pick]), float(mean_iou[pick])) > (float(recall[_SPAN]), float(mean_iou[_SPAN])):
                 theta = candidates[pick]
                 scorer.commit(move.touched, {level: a[pick] for level, a in anchors.items()})
@@ -710,8 +716,7 @@ def _polish(scorer: _Scorer, structure: _Structure, theta: np.ndarray, half: flo
         chosen = np.concatenate([[0], ranked.numpy()])
         anchors = structure.anchors(candidates[chosen], [level])
         recall, mean_iou = scorer.evaluate(move, anchors)
-        top = recall >= recall.max() - 1e-9
-        pick = int(torch.where(top, mean_iou, torch.full_like(mean_iou, -math.inf)).argmax())
+        pick = _best(recall, mean_iou)
         if float(recall[pick]) > float(recall[0]) + 1e-9:
             theta = candidates[chosen[pick]]
             scorer.commit(move.touched, {level: anchors[level][pick]})
